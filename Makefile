@@ -1,0 +1,61 @@
+# Makefile for mdd, a radiotherapy image and data archive inside PostgreSQL.
+#
+#   make            build the extension
+#   make install    install it into the PostgreSQL found by pg_config
+#   make demo       install dependencies, build, start a private cluster, load a sample patient
+#   make test       install dependencies, build, run every test on private clusters
+#   make fuzz       run the parser fuzzer (FUZZ_SECONDS, default 60)
+
+EXTENSION = mdd
+EXTVERSION = 0.1.0
+
+MODULE_big = mdd
+OBJS = extension/mdd.o extension/parse.o extension/paths.o \
+	extension/file_io.o extension/storage_file.o \
+	extension/dicom_parse.o extension/dicom_json.o
+
+# the install script is assembled from sql/, in this order
+SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
+	sql/read.sql sql/views.sql sql/roles.sql
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
+
+DCMTK_LIBS = -ldcmdata -loflog -lofstd
+SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers \
+	-Wno-sign-compare -Wno-cast-function-type
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+
+# no LLVM bitcode: the C++ side is not meant for JIT inlining
+override with_llvm = no
+
+include $(PGXS)
+
+# The C++ files of the DCMTK boundary are compiled without PostgreSQL's
+# include directories, so that including a PostgreSQL header there fails.
+MDD_CXXFLAGS = -std=c++17 -O2 -g -fPIC -Wall -Wextra -Werror -fvisibility=hidden
+extension/dicom_%.o: extension/dicom_%.cpp extension/dicom.h extension/dicom_json.hpp
+	$(CXX) $(MDD_CXXFLAGS) -c -o $@ $<
+
+$(EXTENSION)--$(EXTVERSION).sql: $(SQL_PARTS)
+	cat $^ > $@
+
+$(EXTENSION).control: $(EXTENSION).control.in Makefile
+	sed 's/@EXTVERSION@/$(EXTVERSION)/' $< > $@
+
+all: $(EXTENSION).control
+
+.PHONY: demo test fuzz deps
+deps:
+	scripts/install-deps.sh
+
+demo: deps
+	scripts/demo.sh
+
+test: deps
+	test/run
+
+fuzz:
+	$(MAKE) -C fuzz run FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60)

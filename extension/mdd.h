@@ -1,0 +1,32 @@
+/*-------------------------------------------------------------------------
+ *
+ * mdd.h
+ *	  Declarations shared by the C files of the mdd extension.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MDD_H
+#define MDD_H
+
+#include "postgres.h"
+
+#include "nodes/pg_list.h"
+
+/* settings (mdd.c) */
+extern char *mdd_allowed_paths;
+extern bool mdd_superuser_any_path;
+
+/* paths.c: resolve a path and check it lies under mdd.allowed_paths */
+extern char *mdd_checked_path(const char *path, bool for_write);
+
+/* file_io.c: whole-file helpers shared by export and the file storage */
+extern bytea *mdd_read_whole_file(const char *path);
+extern void mdd_write_file_atomically(const char *path, const char *data,
+									  Size len, bool durable);
+extern void mdd_fsync_path(const char *path, bool is_dir);
+extern void mdd_make_directories(const char *path, List **created);
+
+/* storage_file.c */
+extern void mdd_storage_file_init(void);
+
+#endif							/* MDD_H */

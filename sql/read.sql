@@ -1,0 +1,106 @@
+-- mdd: reading objects back, exporting them, and what travels with them
+
+-- The bytes of an object from its best present copy (online tiers first).
+-- The size is always checked; with verify, the SHA-256 too.
+CREATE FUNCTION mdd._fetch(object_id bigint, verify boolean) RETURNS bytea
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	o mdd.object;
+	locator text;
+	s mdd.storage;
+	data bytea;
+BEGIN
+	IF object_id IS NULL THEN
+		RAISE EXCEPTION 'object id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	SELECT * INTO o FROM mdd.object x WHERE x.id = object_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'object % does not exist', object_id USING ERRCODE = '42704';
+	END IF;
+	SELECT c.locator, c.storage INTO locator, s.id FROM mdd.copy c
+	JOIN mdd.storage s2 ON s2.id = c.storage
+	WHERE c.object = object_id AND c.state = 'present'
+	ORDER BY s2.tier = 'online' DESC, s2.id
+	LIMIT 1;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'object % has no readable copy', object_id USING ERRCODE = '58030';
+	END IF;
+	SELECT * INTO s FROM mdd.storage x WHERE x.id = s.id;
+	data := mdd._get(s, locator);
+	IF length(data) <> o.size OR (verify AND sha256(data) <> o.sha256) THEN
+		RAISE EXCEPTION 'object % is corrupt in storage "%"', object_id, s.name
+			USING ERRCODE = 'XX001',
+				  DETAIL = format('Expected %s bytes with SHA-256 %s, read %s bytes with SHA-256 %s.',
+								  o.size, encode(o.sha256, 'hex'), length(data),
+								  encode(sha256(data), 'hex'));
+	END IF;
+	RETURN data;
+END;
+$$;
+
+CREATE FUNCTION mdd.read(object_id bigint, verify boolean DEFAULT false) RETURNS bytea
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	data bytea := mdd._fetch(object_id, coalesce(verify, false));
+BEGIN
+	PERFORM mdd._audit('read', object_id,
+					   (SELECT p.patient_id FROM mdd.object o JOIN mdd.patient p ON p.id = o.patient
+						WHERE o.id = object_id), NULL);
+	RETURN data;
+END;
+$$;
+COMMENT ON FUNCTION mdd.read(bigint, boolean) IS
+	'The exact stored bytes of an object, from whatever storage holds it';
+
+CREATE FUNCTION mdd.export(object_id bigint, path text, verify boolean DEFAULT false,
+						   overwrite boolean DEFAULT false) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	target text := mdd._check_path(path, true);
+	written bigint;
+BEGIN
+	written := mdd._write_file(target, mdd._fetch(object_id, coalesce(verify, false)),
+							   coalesce(overwrite, false));
+	PERFORM mdd._audit('export', object_id,
+					   (SELECT p.patient_id FROM mdd.object o JOIN mdd.patient p ON p.id = o.patient
+						WHERE o.id = object_id), target);
+	RETURN written;
+END;
+$$;
+COMMENT ON FUNCTION mdd.export(bigint, text, boolean, boolean) IS
+	'Write the exact stored bytes of an object to a file (under mdd.allowed_paths); returns bytes written';
+
+-- Objects that reference the given one, transitively: what travels with it.
+CREATE FUNCTION mdd.related(object_id bigint) RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF object_id IS NULL THEN
+		RAISE EXCEPTION 'object id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM mdd.object o WHERE o.id = object_id) THEN
+		RAISE EXCEPTION 'object % does not exist', object_id USING ERRCODE = '42704';
+	END IF;
+	RETURN QUERY
+	WITH RECURSIVE closure(id) AS (
+		SELECT object_id
+		UNION
+		SELECT referrer.object
+		FROM closure
+		JOIN mdd.object o ON o.id = closure.id
+		CROSS JOIN LATERAL (
+			SELECT r.object FROM mdd.reference r
+			WHERE r.kind = 'instance' AND r.uid = o.sop_instance_uid
+			UNION ALL
+			SELECT r.object FROM mdd.reference r JOIN mdd.series se ON se.id = o.series
+			WHERE r.kind = 'series' AND r.uid = se.series_instance_uid
+		) referrer
+	)
+	SELECT closure.id FROM closure WHERE closure.id <> object_id ORDER BY 1;
+END;
+$$;
+COMMENT ON FUNCTION mdd.related(bigint) IS
+	'Objects that travel with this one: those referencing it, transitively (structure sets, plans, doses, records ...)';

@@ -1,0 +1,35 @@
+-- mdd: roles and privileges.  Everything runs through SECURITY DEFINER
+-- functions and views; the tables themselves are private.
+
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mdd_reader') THEN
+		CREATE ROLE mdd_reader NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mdd_operator') THEN
+		CREATE ROLE mdd_operator NOLOGIN IN ROLE mdd_reader;
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mdd_admin') THEN
+		CREATE ROLE mdd_admin NOLOGIN IN ROLE mdd_operator;
+	END IF;
+END;
+$$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA mdd FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA mdd FROM PUBLIC;
+GRANT USAGE ON SCHEMA mdd TO mdd_reader;
+
+-- readers: search, read, reports
+GRANT SELECT ON mdd.objects, mdd.storages TO mdd_reader;
+GRANT EXECUTE ON FUNCTION mdd.read(bigint, boolean), mdd.related(bigint),
+	mdd.parse(bytea) TO mdd_reader;
+
+-- operators: bring objects in, send them out
+GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
+	mdd.import(text), mdd.store_document(text, bytea, text, text, text, text),
+	mdd.export(bigint, text, boolean, boolean) TO mdd_operator;
+
+-- administrators: storages, the audit trail, the catalog tables for reports
+GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb) TO mdd_admin;
+GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
+	mdd.reference, mdd.copy TO mdd_admin;
