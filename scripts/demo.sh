@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: builds and installs mdd, starts a private
+# PostgreSQL cluster under .demo/, creates the extension, generates a
+# sample radiotherapy patient (planning CT, structure set, plan, dose, CBCT,
+# a PDF), archives it and shows what a user would look at first.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+demo="$top/.demo"
+port=${MDD_DEMO_PORT:-54329}
+
+sudo=()
+[[ $(id -u) -eq 0 ]] || sudo=(sudo)
+
+echo "== building and installing mdd"
+make -s
+"${sudo[@]}" make -s install >/dev/null
+
+mkdir -p "$demo"
+chmod 755 "$demo"
+echo "== generating a sample patient (100-slice CT, RT structure set, plan, dose, CBCT, PDF)"
+/usr/bin/python3 scripts/generate_patient.py --out "$demo/patient" --slices 100 \
+	--patient-id RT-DEMO-001 --patient-name "Demo^Patient" >/dev/null
+chmod -R a+rX "$demo/patient"
+
+echo "== starting PostgreSQL on 127.0.0.1:$port (data in .demo/pgdata)"
+scripts/cluster.sh start "$demo/pgdata" "$port" "mdd.allowed_paths = '$demo'"
+
+q() { scripts/cluster.sh psql "$demo/pgdata" -X -q -v ON_ERROR_STOP=1 "$@"; }
+
+q -c "CREATE EXTENSION IF NOT EXISTS mdd"
+echo "== archiving the patient"
+q -c "SELECT count(object_id) AS stored, count(error) AS not_dicom
+      FROM mdd.import('$demo/patient')"
+q -c "SELECT mdd.store_document('RT-DEMO-001', pg_read_binary_file('$demo/patient/document.pdf'),
+                                'document.pdf', description => 'Treatment summary') AS document_id" >/dev/null
+
+echo
+echo "== the patient's objects, by series"
+q -c "SELECT coalesce(modality, kind) AS modality,
+             coalesce(series_description, filename) AS series,
+             study_date, count(*) AS objects,
+             pg_size_pretty(sum(size)) AS size, min(tier) AS tier
+      FROM mdd.objects WHERE patient_id = 'RT-DEMO-001'
+      GROUP BY 1, 2, 3 ORDER BY min(id)"
+
+echo "== what travels with the planning CT (mdd.related of its first slice)"
+q -c "SELECT r.modality, r.sop_class_uid, r.series_description, pg_size_pretty(r.size) AS size
+      FROM mdd.objects ct,
+           LATERAL mdd.related(ct.id) AS rel(id)
+           JOIN mdd.objects r ON r.id = rel.id
+      WHERE ct.id = (SELECT min(id) FROM mdd.objects
+                     WHERE patient_id = 'RT-DEMO-001' AND modality = 'CT'
+                       AND series_description LIKE 'Planning CT%')
+      ORDER BY r.id"
+
+echo "== storage usage"
+q -c "SELECT name, kind, tier, objects, pg_size_pretty(bytes) AS size FROM mdd.storages"
+
+cat <<EOT
+The demo cluster is running.
+  connect:  psql -h 127.0.0.1 -p $port -U postgres
+            then for example: SELECT * FROM mdd.objects WHERE patient_id = 'RT-DEMO-001';
+  stop:     scripts/cluster.sh stop .demo/pgdata
+  remove:   rm -rf .demo
+EOT
