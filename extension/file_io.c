@@ -46,7 +46,15 @@ mdd_read_whole_file(const char *path)
 	Size		done = 0;
 	int			fd;
 
-	fd = OpenTransientFile(path, O_RDONLY | PG_BINARY);
+	/*
+	 * Look before opening: opening a named pipe would block until someone
+	 * writes to it.  O_NONBLOCK covers a file swapped in between.
+	 */
+	if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a regular file", path)));
+	fd = OpenTransientFile(path, O_RDONLY | O_NONBLOCK | PG_BINARY);
 	if (fd < 0)
 		ereport(ERROR,
 				(errcode_for_file_access(),

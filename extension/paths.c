@@ -15,6 +15,8 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -25,6 +27,7 @@
 #include "mdd.h"
 
 PG_FUNCTION_INFO_V1(mdd_check_path_sql);
+PG_FUNCTION_INFO_V1(mdd_check_directory_sql);
 
 /* true when path equals root or lies below it (both already resolved) */
 static bool
@@ -73,37 +76,19 @@ resolve(const char *path, bool for_write)
 	return NULL;				/* keep compiler quiet */
 }
 
-/*
- * Return the resolved form of path after checking that the calling role may
- * use it.  The caller is the role outside any SECURITY DEFINER function, so
- * that mdd's own functions cannot be used to reach files their caller could
- * not name.
- */
-char *
-mdd_checked_path(const char *path, bool for_write)
+/* the directories of mdd.allowed_paths, each as written and as resolved */
+static List *
+allowed_roots(void)
 {
-	char	   *resolved;
-	char	   *roots;
+	char	   *raw = pstrdup(mdd_allowed_paths ? mdd_allowed_paths : "");
 	List	   *rootlist = NIL;
+	List	   *roots = NIL;
 	ListCell   *lc;
 
-	if (path == NULL || path[0] != '/')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file path \"%s\" is not absolute", path ? path : ""),
-				 errhint("Give an absolute path under one of mdd.allowed_paths.")));
-
-	resolved = resolve(path, for_write);
-
-	if (mdd_superuser_any_path && superuser_arg(GetOuterUserId()))
-		return resolved;
-
-	roots = pstrdup(mdd_allowed_paths ? mdd_allowed_paths : "");
-	if (!SplitDirectoriesString(roots, ',', &rootlist))
+	if (!SplitDirectoriesString(raw, ',', &rootlist))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid list syntax in setting \"mdd.allowed_paths\"")));
-
 	foreach(lc, rootlist)
 	{
 		char	   *root = (char *) lfirst(lc);
@@ -111,16 +96,69 @@ mdd_checked_path(const char *path, bool for_write)
 
 		if (root[0] != '/' || realpath(root, rootres) == NULL)
 			continue;
-		if (path_is_under(resolved, rootres))
-			return resolved;
+		roots = lappend(roots, root);
+		roots = lappend(roots, pstrdup(rootres));
 	}
+	return roots;
+}
 
+static bool
+under_any(const char *path, List *roots)
+{
+	ListCell   *lc;
+
+	foreach(lc, roots)
+		if (path_is_under(path, (const char *) lfirst(lc)))
+			return true;
+	return false;
+}
+
+static void
+refuse_path(const char *path)
+{
 	ereport(ERROR,
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 			 errmsg("file path \"%s\" is outside the allowed directories", path),
-			 errdetail("It resolves to \"%s\".", resolved),
 			 errhint("An administrator can add its directory to mdd.allowed_paths.")));
-	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * Return the resolved form of path after checking that the calling role may
+ * use it.  The caller is the role outside any SECURITY DEFINER function, so
+ * that mdd's own functions cannot be used to reach files their caller could
+ * not name.  A path is checked as written before it is resolved, so that
+ * nobody learns from the error whether a file outside the allowed
+ * directories exists; then it is checked again once resolved, so that no
+ * symbolic link leads out.
+ */
+char *
+mdd_checked_path(const char *path, bool for_write)
+{
+	bool		unrestricted;
+	List	   *roots = NIL;
+	char	   *resolved;
+
+	if (path == NULL || path[0] != '/')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file path \"%s\" is not absolute", path ? path : ""),
+				 errhint("Give an absolute path under one of mdd.allowed_paths.")));
+
+	unrestricted = mdd_superuser_any_path && superuser_arg(GetOuterUserId());
+	if (!unrestricted)
+	{
+		char	   *lexical = pstrdup(path);
+
+		canonicalize_path(lexical);
+		roots = allowed_roots();
+		if (!under_any(lexical, roots))
+			refuse_path(path);
+	}
+
+	resolved = resolve(path, for_write);
+	if (!unrestricted && !under_any(resolved, roots))
+		refuse_path(path);
+	return resolved;
 }
 
 /*
@@ -137,4 +175,33 @@ mdd_check_path_sql(PG_FUNCTION_ARGS)
 				 errmsg("file path must not be NULL")));
 	PG_RETURN_TEXT_P(cstring_to_text(mdd_checked_path(text_to_cstring(PG_GETARG_TEXT_PP(0)),
 													  PG_GETARG_BOOL(1))));
+}
+
+/*
+ * mdd._check_directory(path text, writable boolean) RETURNS text
+ *
+ * The resolved form of an allowed directory, refusing what is not a
+ * directory and, with writable, what the server cannot write into.
+ */
+Datum
+mdd_check_directory_sql(PG_FUNCTION_ARGS)
+{
+	char	   *dir;
+	struct stat st;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("directory must not be NULL")));
+	dir = mdd_checked_path(text_to_cstring(PG_GETARG_TEXT_PP(0)), false);
+	if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a directory", dir)));
+	if (PG_GETARG_BOOL(1) && access(dir, W_OK | X_OK) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the server cannot write into directory \"%s\"", dir),
+				 errhint("Make it writable by the operating system user that runs PostgreSQL.")));
+	PG_RETURN_TEXT_P(cstring_to_text(dir));
 }

@@ -1,24 +1,33 @@
 -- mdd: ingest of DICOM objects and documents
 
 -- Find or create the patient row for a Patient ID.
-CREATE FUNCTION mdd._patient(pid text, pname text, birth date, sex text) RETURNS bigint
+CREATE FUNCTION mdd._patient(pid text, pname text, pbirth date, psex text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	id bigint;
+	found_id bigint;
 BEGIN
-	SELECT p.id INTO id FROM mdd.patient p WHERE p.patient_id = pid;
+	SELECT p.id INTO found_id FROM mdd.patient p WHERE p.patient_id = pid;
 	IF FOUND THEN
-		RETURN id;
+		-- a patient first seen through a document learns its name from DICOM
+		UPDATE mdd.patient p
+		SET patient_name = coalesce(p.patient_name, pname),
+			birth_date = coalesce(p.birth_date, pbirth),
+			sex = coalesce(p.sex, psex)
+		WHERE p.id = found_id
+		  AND ((p.patient_name IS NULL AND pname IS NOT NULL)
+			   OR (p.birth_date IS NULL AND pbirth IS NOT NULL)
+			   OR (p.sex IS NULL AND psex IS NOT NULL));
+		RETURN found_id;
 	END IF;
 	INSERT INTO mdd.patient (patient_id, patient_name, birth_date, sex)
-	VALUES (pid, pname, birth, sex)
+	VALUES (pid, pname, pbirth, psex)
 	ON CONFLICT (patient_id) DO NOTHING
-	RETURNING patient.id INTO id;
-	IF id IS NULL THEN			-- created meanwhile by another session
-		SELECT p.id INTO id FROM mdd.patient p WHERE p.patient_id = pid;
+	RETURNING patient.id INTO found_id;
+	IF found_id IS NULL THEN		-- created meanwhile by another session
+		SELECT p.id INTO found_id FROM mdd.patient p WHERE p.patient_id = pid;
 	END IF;
-	RETURN id;
+	RETURN found_id;
 END;
 $$;
 

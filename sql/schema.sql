@@ -105,6 +105,8 @@ CREATE FUNCTION mdd._caller() RETURNS name
 	AS 'MODULE_PATHNAME', 'mdd_caller_sql' LANGUAGE C STABLE;
 CREATE FUNCTION mdd._check_path(path text, for_write boolean) RETURNS text
 	AS 'MODULE_PATHNAME', 'mdd_check_path_sql' LANGUAGE C VOLATILE;
+CREATE FUNCTION mdd._check_directory(path text, writable boolean) RETURNS text
+	AS 'MODULE_PATHNAME', 'mdd_check_directory_sql' LANGUAGE C VOLATILE;
 CREATE FUNCTION mdd._read_file(path text) RETURNS bytea
 	AS 'MODULE_PATHNAME', 'mdd_read_file_sql' LANGUAGE C VOLATILE;
 CREATE FUNCTION mdd._write_file(path text, data bytea, overwrite boolean) RETURNS bigint

@@ -67,7 +67,7 @@ BEGIN
 			RAISE EXCEPTION 'file storage "%" needs option "root"', name
 				USING ERRCODE = '22023', HINT = 'For example {"root": "/srv/mdd/archive"}.';
 		END IF;
-		root := mdd._check_path(root, false);
+		root := mdd._check_directory(root, true);
 		fanout := coalesce((options->>'fanout')::int, 2);
 		IF fanout NOT BETWEEN 0 AND 4 THEN
 			RAISE EXCEPTION 'option "fanout" of storage "%" must be between 0 and 4', name
