@@ -83,26 +83,55 @@ initialiseOnce()
 }
 
 /*
- * The value of an element that arrived with VR UN (a converter that did not
- * know the attribute): for attributes whose dictionary VR is text, the bytes
- * are that text with its padding.  Empty for anything else.
+ * Give text attributes that arrived with VR UN (from a converter that did
+ * not know them) their dictionary VR, so that they are decoded like any
+ * other text, Specific Character Set included.  Only the in-memory copy
+ * changes; the stored bytes stay as received.
  */
-std::string
-unknownVRText(DcmElement *e)
+void
+retypeUnknownText(DcmItem *item, int depth)
 {
-	DcmTag		dictTag(e->getTag().getXTag());
-	DcmVR		dictVR(dictTag.getEVR());
-	Uint8	   *bytes = NULL;
-	std::string s;
+	if (depth > 32)
+		return;
+	for (unsigned long i = 0; i < item->card(); i++)
+	{
+		DcmElement *e = item->getElement(i);
+		DcmEVR		vr = e->getTag().getEVR();
 
-	if (!dictVR.isaString() || dictVR.getEVR() == EVR_UN)
-		return s;
-	if (e->getUint8Array(bytes).bad() || bytes == NULL)
-		return s;
-	s.assign(reinterpret_cast<const char *>(bytes), e->getLength());
-	while (!s.empty() && (s.back() == ' ' || s.back() == '\0'))
-		s.pop_back();
-	return s;
+		if (vr == EVR_SQ)
+		{
+			DcmSequenceOfItems *sq = static_cast<DcmSequenceOfItems *>(static_cast<DcmObject *>(e));
+
+			for (unsigned long j = 0; j < sq->card(); j++)
+				retypeUnknownText(sq->getItem(j), depth + 1);
+			continue;
+		}
+		if (vr != EVR_UN || e->getTag().isPrivate())
+			continue;
+
+		DcmTag		dictTag(e->getTag().getXTag());
+		DcmVR		dictVR(dictTag.getEVR());
+		Uint8	   *bytes = NULL;
+
+		if (!dictVR.isaString() || dictVR.getEVR() == EVR_UN)
+			continue;
+		if (e->getUint8Array(bytes).bad() || (bytes == NULL && e->getLength() > 0))
+			continue;
+
+		std::string text(reinterpret_cast<const char *>(bytes), e->getLength());
+		DcmElement *typed = NULL;
+
+		while (!text.empty() && (text.back() == ' ' || text.back() == '\0'))
+			text.pop_back();
+		if (DcmItem::newDicomElement(typed, dictTag.getXTag()).bad() || typed == NULL)
+			continue;
+		if (typed->putOFStringArray(OFString(text.data(), text.size())).bad() ||
+			item->insert(typed, OFTrue).bad())
+		{
+			delete typed;
+			continue;
+		}
+	}
 }
 
 std::string
@@ -113,8 +142,6 @@ getString(DcmItem *item, const DcmTagKey &key)
 
 	if (item->findAndGetElement(key, e, OFFalse).bad() || e == NULL)
 		return std::string();
-	if (e->ident() == EVR_UN)
-		return unknownVRText(e);
 	if (e->getOFStringArray(value, OFTrue).good())
 		return std::string(value.c_str(), value.length());
 	return std::string();
@@ -357,17 +384,6 @@ writeElement(MddJsonWriter &w, DcmElement *e, int depth)
 	if (tag.getElement() == 0x0000 || tag.getGroup() == 0x7FE0 ||
 		tag.getGroup() == 0xFFFE)
 		return;
-	if (vr == EVR_UN)
-	{
-		std::string text = unknownVRText(e);
-
-		if (!text.empty())
-		{
-			w.key(headerKey(tag));
-			w.string(text);
-		}
-		return;
-	}
 	if (isBinaryVR(vr))
 		return;
 
@@ -641,6 +657,8 @@ parse(const unsigned char *data, size_t len, char **json_out,
 		setError(errbuf, errbuf_len, "not a DICOM file or data set");
 		return MDD_DICOM_NOT_DICOM;
 	}
+
+	retypeUnknownText(ds, 0);
 
 	std::string sopInstance = getString(ds, DCM_SOPInstanceUID);
 	std::string sopClass = getString(ds, DCM_SOPClassUID);
