@@ -260,7 +260,8 @@ mdd_file_put_sql(PG_FUNCTION_ARGS)
 
 	dir = pstrdup(path);
 	*strrchr(dir, '/') = '\0';
-	mdd_make_directories(dir, &created);
+	if (stat(dir, &st) != 0)
+		mdd_make_directories(dir, &created);
 
 	mdd_write_file_atomically(path, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), false);
 

@@ -15,11 +15,13 @@ CREATE INDEX ON mdd.audit (object_id);
 
 CREATE FUNCTION mdd._audit(action text, object_id bigint, patient_id text, detail text)
 RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
 	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
 	VALUES (mdd._caller(), action, object_id, patient_id, detail,
 			coalesce(host(inet_client_addr()) || ':' || inet_client_port(), 'local'));
+END;
 $$;
 
 CREATE VIEW mdd.audit_log AS

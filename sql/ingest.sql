@@ -94,7 +94,7 @@ BEGIN
 		IF se.id IS NULL THEN
 			SELECT * INTO se FROM mdd.series s WHERE s.series_instance_uid = uid;
 		ELSE
-			UPDATE mdd.study s SET series_count = s.series_count + 1,
+			UPDATE mdd.study s SET
 				modalities = CASE WHEN se.modality IS NULL OR se.modality = ANY (s.modalities)
 								  THEN s.modalities ELSE s.modalities || se.modality END
 			WHERE s.id = study;
@@ -189,9 +189,6 @@ BEGIN
 	SELECT obj, r->>'kind', r->>'uid', r->>'sop_class_uid', r->>'via'
 	FROM jsonb_array_elements(info->'references') r
 	ON CONFLICT DO NOTHING;
-
-	UPDATE mdd.series s SET object_count = s.object_count + 1 WHERE s.id = ser;
-	UPDATE mdd.study s SET object_count = s.object_count + 1 WHERE s.id = stu;
 
 	PERFORM mdd._keep(obj, digest, data);
 	PERFORM mdd._audit('store', obj, info->>'patient_id',

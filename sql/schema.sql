@@ -12,8 +12,11 @@ CREATE TABLE mdd.patient (
 	created_at		timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per study.  The counters and the modality list are kept up to
--- date as objects arrive, so that queries need not compute them.
+-- One row per study.  The modality list is kept up to date as series
+-- arrive, so that queries need not compute it.  (Objects are not counted
+-- here: a counter updated per object serialises concurrent stores into one
+-- study and, inside one long import, makes every row lookup walk a growing
+-- chain of row versions.)
 CREATE TABLE mdd.study (
 	id					bigserial PRIMARY KEY,
 	patient				bigint NOT NULL REFERENCES mdd.patient(id),
@@ -24,9 +27,7 @@ CREATE TABLE mdd.study (
 	study_id			text,
 	accession_number	text,
 	referring_physician text,
-	modalities			text[] NOT NULL DEFAULT '{}',
-	series_count		integer NOT NULL DEFAULT 0,
-	object_count		integer NOT NULL DEFAULT 0
+	modalities			text[] NOT NULL DEFAULT '{}'
 );
 CREATE INDEX ON mdd.study (patient);
 CREATE INDEX ON mdd.study (study_date);
@@ -41,8 +42,7 @@ CREATE TABLE mdd.series (
 	series_description		text,
 	series_date				date,
 	body_part_examined		text,
-	frame_of_reference_uid	text,
-	object_count			integer NOT NULL DEFAULT 0
+	frame_of_reference_uid	text
 );
 CREATE INDEX ON mdd.series (study);
 
