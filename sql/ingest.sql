@@ -153,10 +153,23 @@ BEGIN
 				  HINT = 'The archive keeps the first version; send a corrected object with a new SOP Instance UID.';
 	END IF;
 
-	pat := mdd._patient(coalesce(info->>'patient_id', ''), info->>'patient_name',
-						(info->>'patient_birth_date')::date, info->>'patient_sex');
-	stu := mdd._study(pat, info);
-	ser := mdd._series(stu, info);
+	-- most objects join a series already archived: one lookup suffices
+	SELECT se.id, st.id, p.id INTO ser, stu, pat
+	FROM mdd.series se
+	JOIN mdd.study st ON st.id = se.study
+	JOIN mdd.patient p ON p.id = st.patient
+	WHERE se.series_instance_uid = info->>'series_instance_uid'
+	  AND st.study_instance_uid = info->>'study_instance_uid'
+	  AND p.patient_id = coalesce(info->>'patient_id', '')
+	  AND (p.patient_name IS NOT NULL OR info->>'patient_name' IS NULL)
+	  AND (p.birth_date IS NOT NULL OR info->>'patient_birth_date' IS NULL)
+	  AND (p.sex IS NOT NULL OR info->>'patient_sex' IS NULL);
+	IF NOT FOUND THEN
+		pat := mdd._patient(coalesce(info->>'patient_id', ''), info->>'patient_name',
+							(info->>'patient_birth_date')::date, info->>'patient_sex');
+		stu := mdd._study(pat, info);
+		ser := mdd._series(stu, info);
+	END IF;
 
 	INSERT INTO mdd.object (kind, patient, study, series, sop_instance_uid, sop_class_uid,
 							instance_number, image_type, manufacturer, manufacturer_model_name,
