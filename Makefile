@@ -12,15 +12,18 @@ EXTVERSION = 0.1.0
 MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/file_io.o extension/storage_file.o \
-	extension/dicom_parse.o extension/dicom_json.o
+	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o \
+	extension/network.o \
+	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
+	bgworker/listener.o
 
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
-	sql/read.sql sql/views.sql sql/roles.sql
+	sql/read.sql sql/views.sql sql/nodes.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 
-DCMTK_LIBS = -ldcmdata -loflog -lofstd
+DCMTK_LIBS = -ldcmnet -ldcmdata -loflog -lofstd
 SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers \
 	-Wno-sign-compare -Wno-cast-function-type

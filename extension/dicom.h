@@ -30,6 +30,7 @@ typedef enum MddDicomStatus
 	MDD_DICOM_MALFORMED,		/* DICOM, but truncated or unreadable */
 	MDD_DICOM_MISSING_UID,		/* readable, but without SOP class/instance UID */
 	MDD_DICOM_OUT_OF_MEMORY,
+	MDD_DICOM_NETWORK,			/* connection, negotiation or peer failure */
 	MDD_DICOM_INTERNAL			/* anything else (a caught C++ exception) */
 } MddDicomStatus;
 
@@ -46,6 +47,80 @@ extern MddDicomStatus mdd_dicom_parse(const unsigned char *data, size_t len,
 									  char *errbuf, size_t errbuf_len);
 
 extern void mdd_dicom_free_json(char *json);
+
+/* ---------------------------------------------------------------------
+ * DICOM network service (dicom_net.cpp)
+ * ---------------------------------------------------------------------
+ */
+
+/* what an admitted peer may do (bits of the value returned by admit) */
+#define MDD_PERMIT_ASSOCIATE	0x01	/* any admitted peer: C-ECHO */
+#define MDD_PERMIT_STORE		0x02
+#define MDD_PERMIT_QUERY		0x04
+#define MDD_PERMIT_RETRIEVE		0x08
+
+/* log levels of the log callback */
+#define MDD_LOG_DEBUG	0
+#define MDD_LOG_INFO	1
+#define MDD_LOG_WARNING 2
+
+typedef struct MddDicomServerConfig
+{
+	const char *ae_title;		/* our AE title; a peer calling another is refused */
+	int			max_pdu;		/* largest PDU we receive, bytes */
+	int			acse_timeout;	/* seconds for association negotiation */
+	int			dimse_timeout;	/* seconds a peer may stay silent */
+} MddDicomServerConfig;
+
+/*
+ * Functions of the C side that the association loop calls.  They run
+ * PostgreSQL code, so each must catch its own errors (PG_TRY) and return
+ * normally: neither an exception nor a longjmp may come back through here.
+ */
+typedef struct MddDicomCallbacks
+{
+	void	   *arg;
+
+	/*
+	 * Decide on an association request: 0 refuses it (reason says why), any
+	 * other value is the MDD_PERMIT_* bits granted.
+	 */
+	int			(*admit) (void *arg, const char *calling_ae, const char *called_ae,
+						  const char *peer_host, char *reason, size_t reason_len);
+
+	/*
+	 * Archive one received object (a Part 10 file built around the data set
+	 * exactly as received).  Returns the DIMSE status to answer, with a
+	 * comment for failures; success only once the object is committed.
+	 */
+	unsigned short (*store) (void *arg, const unsigned char *data, size_t len,
+							 const char *sop_class_uid, const char *sop_instance_uid,
+							 char *comment, size_t comment_len);
+
+	/* true when the service must stop (SIGTERM, postmaster death) */
+	int			(*should_stop) (void *arg);
+
+	/* a line for the server log */
+	void		(*log) (void *arg, int level, const char *message);
+} MddDicomCallbacks;
+
+/*
+ * Serve one association on an accepted TCP connection to its end.  The
+ * connection is closed on return.  Returns MDD_DICOM_OK when the association
+ * ended normally (released, or refused as it should be), otherwise a status
+ * and a message.
+ */
+extern MddDicomStatus mdd_dicom_serve(int fd, const MddDicomServerConfig *config,
+									  const MddDicomCallbacks *callbacks,
+									  char *errbuf, size_t errbuf_len);
+
+/*
+ * C-ECHO as SCU: open an association from our_ae to peer_ae at host:port,
+ * verify, release.  MDD_DICOM_OK when the peer answered success.
+ */
+extern MddDicomStatus mdd_dicom_echo(const char *our_ae, const char *peer_ae,
+									 const char *host, int port, int timeout,
+									 char *errbuf, size_t errbuf_len);
 
 #ifdef __cplusplus
 }

@@ -14,18 +14,72 @@
 #include <limits.h>
 
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "mdd.h"
+#include "../bgworker/workers.h"
 
 PG_MODULE_MAGIC;
 
 char	   *mdd_allowed_paths = NULL;
 bool		mdd_superuser_any_path = true;
 static char *mdd_default_storage = NULL;
+
+char	   *mdd_database = NULL;
+char	   *mdd_ae_title = NULL;
+int			mdd_dicom_port = 11112;
+char	   *mdd_dicom_listen_address = NULL;
+int			mdd_dicom_workers = 4;
+bool		mdd_accept_unknown_nodes = false;
+int			mdd_dicom_max_pdu = 65536;
+int			mdd_dicom_acse_timeout = 30;
+int			mdd_dicom_dimse_timeout = 60;
 static int	mdd_import_progress_every = 1000;
 
 void		_PG_init(void);
+
+/* the settings of the background workers and the DICOM service */
+static void
+define_network_settings(void)
+{
+	DefineCustomStringVariable("mdd.database",
+							   "Database where the mdd extension lives and its workers connect.",
+							   NULL, &mdd_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("mdd.ae_title",
+							   "DICOM AE title of this archive.",
+							   NULL, &mdd_ae_title, "MDD",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.dicom_port",
+							"TCP port of the DICOM service; 0 turns it off.",
+							NULL, &mdd_dicom_port, 11112, 0, 65535,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("mdd.dicom_listen_address",
+							   "Address the DICOM service listens on (\"*\" for all IPv4 addresses).",
+							   NULL, &mdd_dicom_listen_address, "localhost",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.dicom_workers",
+							"DICOM listener processes, that is, associations served at once.",
+							NULL, &mdd_dicom_workers, 4, 1, 64,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("mdd.accept_unknown_nodes",
+							 "Accept associations from AE titles that are not in mdd.nodes.",
+							 NULL, &mdd_accept_unknown_nodes, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.dicom_max_pdu",
+							"Largest PDU the DICOM service receives, in bytes.",
+							NULL, &mdd_dicom_max_pdu, 65536, 4096, 131072,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.dicom_acse_timeout",
+							"Seconds allowed for DICOM association negotiation.",
+							NULL, &mdd_dicom_acse_timeout, 30, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.dicom_dimse_timeout",
+							"Seconds a DICOM peer may stay silent within an association.",
+							NULL, &mdd_dicom_dimse_timeout, 60, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+}
 
 void
 _PG_init(void)
@@ -69,7 +123,18 @@ _PG_init(void)
 							0,
 							NULL, NULL, NULL);
 
+	define_network_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
+
+	/*
+	 * The workers run only when mdd is preloaded; then the postmaster also
+	 * opens the DICOM port, which every listener inherits.
+	 */
+	if (process_shared_preload_libraries_in_progress && !IsUnderPostmaster)
+	{
+		mdd_open_listen_socket();
+		mdd_register_launcher();
+	}
 }

@@ -13,14 +13,15 @@ CREATE TABLE mdd.audit (
 CREATE INDEX ON mdd.audit (at);
 CREATE INDEX ON mdd.audit (object_id);
 
-CREATE FUNCTION mdd._audit(action text, object_id bigint, patient_id text, detail text)
+CREATE FUNCTION mdd._audit(action text, object_id bigint, patient_id text, detail text,
+						   client text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
 	VALUES (mdd._caller(), action, object_id, patient_id, detail,
-			coalesce(host(inet_client_addr()) || ':' || inet_client_port(), 'local'));
+			coalesce(client, host(inet_client_addr()) || ':' || inet_client_port(), 'local'));
 END;
 $$;
 

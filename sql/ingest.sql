@@ -120,7 +120,8 @@ END;
 $$;
 
 -- The common path of mdd.store and mdd.store_file.
-CREATE FUNCTION mdd._store_dicom(data bytea, source text, origin text) RETURNS bigint
+CREATE FUNCTION mdd._store_dicom(data bytea, source text, origin text, client text DEFAULT NULL)
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -205,7 +206,7 @@ BEGIN
 
 	PERFORM mdd._keep(obj, digest, data);
 	PERFORM mdd._audit('store', obj, info->>'patient_id',
-					   coalesce(origin, format('%s bytes', length(data))));
+					   coalesce(origin, format('%s bytes', length(data))), client);
 	RETURN obj;
 END;
 $$;

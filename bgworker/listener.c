@@ -1,0 +1,345 @@
+/*-------------------------------------------------------------------------
+ *
+ * listener.c
+ *	  A DICOM listener worker: accepts associations on the shared DICOM
+ *	  socket and serves each to its end (extension/dicom_net.cpp), with the
+ *	  database work done here in C.
+ *
+ * Each call from the C++ association loop into this file (admit an
+ * association, store an object) runs in its own transaction inside
+ * PG_TRY: an error is caught, its transaction aborted, and turned into a
+ * refusal or a DIMSE failure status, so that no longjmp ever crosses
+ * DCMTK's frames.  An object is answered with success only after its
+ * transaction committed.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "../extension/dicom.h"
+#include "workers.h"
+
+/* what the callbacks know about the association being served */
+typedef struct Peer
+{
+	int			listener;		/* our number, for the log */
+	char		host[64];
+	char		calling_ae[20];
+	MemoryContext scratch;		/* reset after each callback */
+} Peer;
+
+/* run an SQL statement with arguments inside the current transaction */
+static void
+run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls)
+{
+	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+
+	if (rc < 0)
+		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+}
+
+static void
+begin_work(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+}
+
+/*
+ * Abort after a caught error; returns the error, copied into the peer's
+ * scratch context.
+ */
+static ErrorData *
+abort_work(Peer *peer)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(peer->scratch);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	return edata;
+}
+
+static int
+admit_callback(void *arg, const char *calling_ae, const char *called_ae,
+			   const char *peer_host, char *reason, size_t reason_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile int permits = 0;
+
+	strlcpy(peer->calling_ae, calling_ae, sizeof(peer->calling_ae));
+	PG_TRY();
+	{
+		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+		Datum		values[3];
+		bool		isnull;
+
+		values[0] = CStringGetTextDatum(calling_ae);
+		values[1] = CStringGetTextDatum(called_ae);
+		values[2] = CStringGetTextDatum(peer->host);	/* what the socket says */
+		begin_work("DICOM association request");
+		run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
+		if (SPI_processed == 1)
+		{
+			Datum		p = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			char	   *r = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+
+			permits = isnull ? 0 : DatumGetInt32(p);
+			if (r)
+				strlcpy(reason, r, reason_len);
+		}
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		permits = 0;
+		snprintf(reason, reason_len, "archive error: %s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: could not check association from \"%s\" at %s: %s",
+						peer->listener, calling_ae, peer_host, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+
+	if (permits == 0)
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: refused association from \"%s\" at %s to \"%s\": %s",
+						peer->listener, calling_ae, peer_host, called_ae, reason)));
+	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
+												   calling_ae, peer_host));
+	return permits;
+}
+
+/* the DIMSE failure status for an error of the store path */
+static unsigned short
+store_failure_status(int sqlerrcode)
+{
+	if (sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		return 0x0111;			/* Duplicate SOP Instance */
+	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
+		sqlerrcode == ERRCODE_DISK_FULL)
+		return 0xA700;			/* Refused: Out of Resources */
+	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_DATA_EXCEPTION ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
+		return 0xC000;			/* Error: Cannot Understand */
+	return 0x0110;				/* Processing Failure */
+}
+
+static unsigned short
+store_callback(void *arg, const unsigned char *data, size_t len,
+			   const char *sop_class_uid, const char *sop_instance_uid,
+			   char *comment, size_t comment_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile unsigned short status = 0x0000;
+
+	PG_TRY();
+	{
+		Oid			types[4] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		values[4];
+		bytea	   *bytes;
+
+		if (len > MaxAllocSize - VARHDRSZ)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("object of %zu bytes is too large", len)));
+		begin_work("DICOM C-STORE");
+		bytes = (bytea *) palloc(VARHDRSZ + len);
+		SET_VARSIZE(bytes, VARHDRSZ + len);
+		memcpy(VARDATA(bytes), data, len);
+		values[0] = PointerGetDatum(bytes);
+		values[1] = CStringGetTextDatum(peer->calling_ae);
+		values[2] = CStringGetTextDatum(peer->host);
+		values[3] = CStringGetTextDatum(sop_instance_uid);
+		run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		status = store_failure_status(edata->sqlerrcode);
+		snprintf(comment, comment_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: C-STORE of %s from \"%s\" at %s failed with status 0x%04X: %s",
+						peer->listener, sop_instance_uid, peer->calling_ae, peer->host,
+						status, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
+												   peer->calling_ae, peer->host));
+	return status;
+}
+
+static int
+should_stop_callback(void *arg)
+{
+	if (!PostmasterIsAlive())
+		return 1;
+	return mdd_got_sigterm ? 1 : 0;
+}
+
+static void
+log_callback(void *arg, int level, const char *message)
+{
+	Peer	   *peer = (Peer *) arg;
+
+	/* ereport below ERROR does not longjmp */
+	ereport(level == MDD_LOG_DEBUG ? DEBUG1 : LOG,
+			(errmsg("mdd dicom listener %d: %s", peer->listener, message)));
+}
+
+/* the address of the peer as text */
+static void
+peer_address(int fd, char *buf, size_t len)
+{
+	struct sockaddr_storage addr;
+	socklen_t	alen = sizeof(addr);
+
+	strlcpy(buf, "unknown", len);
+	if (getpeername(fd, (struct sockaddr *) &addr, &alen) == 0)
+		(void) getnameinfo((struct sockaddr *) &addr, alen, buf, len, NULL, 0, NI_NUMERICHOST);
+}
+
+/* serve one accepted connection */
+static void
+serve_connection(int fd, Peer *peer)
+{
+	MddDicomServerConfig config;
+	MddDicomCallbacks callbacks;
+	char		errbuf[512];
+	struct stat before;
+	struct stat after;
+	int			one = 1;
+	MddDicomStatus status;
+
+	(void) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+	(void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	peer_address(fd, peer->host, sizeof(peer->host));
+	peer->calling_ae[0] = '\0';
+	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association request from %s",
+												   peer->host));
+
+	config.ae_title = mdd_ae_title;
+	config.max_pdu = mdd_dicom_max_pdu;
+	config.acse_timeout = mdd_dicom_acse_timeout;
+	config.dimse_timeout = mdd_dicom_dimse_timeout;
+	callbacks.arg = peer;
+	callbacks.admit = admit_callback;
+	callbacks.store = store_callback;
+	callbacks.should_stop = should_stop_callback;
+	callbacks.log = log_callback;
+
+	(void) fstat(fd, &before);
+	status = mdd_dicom_serve(fd, &config, &callbacks, errbuf, sizeof(errbuf));
+	if (status != MDD_DICOM_OK)
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: association from \"%s\" at %s ended: %s",
+						peer->listener, peer->calling_ae, peer->host, errbuf)));
+
+	/*
+	 * DCMTK closes the connection when it drops the association.  Close it
+	 * here only if it is still the same socket, never a descriptor that
+	 * was reused meanwhile.
+	 */
+	if (fstat(fd, &after) == 0 && after.st_ino == before.st_ino &&
+		after.st_dev == before.st_dev && S_ISSOCK(after.st_mode))
+		close(fd);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+void
+mdd_listener_main(Datum arg)
+{
+	Peer		peer;
+
+	memset(&peer, 0, sizeof(peer));
+	peer.listener = DatumGetInt32(arg);
+	mdd_worker_setup_signals();
+	BackgroundWorkerInitializeConnection(mdd_database, NULL, 0);
+	pgstat_report_appname(psprintf("mdd dicom listener %d", peer.listener));
+	peer.scratch = AllocSetContextCreate(TopMemoryContext, "mdd listener scratch",
+										 ALLOCSET_DEFAULT_SIZES);
+
+	if (mdd_listen_fd < 0)
+	{
+		ereport(LOG, (errmsg("mdd dicom listener %d: no listening socket, exiting",
+							 peer.listener)));
+		proc_exit(0);
+	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	while (!mdd_got_sigterm)
+	{
+		int			rc;
+
+		rc = WaitLatchOrSocket(MyLatch,
+							   WL_LATCH_SET | WL_SOCKET_READABLE | WL_EXIT_ON_PM_DEATH,
+							   mdd_listen_fd, -1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		mdd_worker_reload_if_asked();
+
+		if (mdd_got_sigterm)
+			break;
+		if (rc & WL_SOCKET_READABLE)
+		{
+			int			fd = accept(mdd_listen_fd, NULL, NULL);
+
+			if (fd < 0)
+			{
+				if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+					errno != ECONNABORTED)
+					ereport(LOG,
+							(errcode_for_socket_access(),
+							 errmsg("mdd dicom listener %d: accept failed: %m", peer.listener)));
+				continue;
+			}
+			serve_connection(fd, &peer);
+		}
+	}
+	proc_exit(0);
+}

@@ -1,0 +1,45 @@
+/*-------------------------------------------------------------------------
+ *
+ * workers.h
+ *	  Background workers of mdd: the launcher and the DICOM listeners.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MDD_WORKERS_H
+#define MDD_WORKERS_H
+
+#include "postgres.h"
+
+#include <signal.h>
+
+#include "fmgr.h"
+
+/* settings (extension/mdd.c) */
+extern char *mdd_database;
+extern char *mdd_ae_title;
+extern int	mdd_dicom_port;
+extern char *mdd_dicom_listen_address;
+extern int	mdd_dicom_workers;
+extern bool mdd_accept_unknown_nodes;
+extern int	mdd_dicom_max_pdu;
+extern int	mdd_dicom_acse_timeout;
+extern int	mdd_dicom_dimse_timeout;
+
+/* listen_socket.c: the DICOM port, opened by the postmaster */
+extern int	mdd_listen_fd;
+extern void mdd_open_listen_socket(void);
+
+/* launcher.c */
+extern void mdd_register_launcher(void);
+PGDLLEXPORT void mdd_launcher_main(Datum arg);
+
+/* listener.c */
+PGDLLEXPORT void mdd_listener_main(Datum arg);
+
+/* worker_common.c */
+extern volatile sig_atomic_t mdd_got_sigterm;
+extern volatile sig_atomic_t mdd_got_sighup;
+extern void mdd_worker_setup_signals(void);
+extern void mdd_worker_reload_if_asked(void);
+
+#endif							/* MDD_WORKERS_H */

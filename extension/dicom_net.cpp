@@ -1,0 +1,599 @@
+/*
+ * dicom_net.cpp
+ *	  The DICOM network side of mdd with DCMTK's dcmnet: serving one
+ *	  association on a connection a listener worker accepted (C-ECHO,
+ *	  C-STORE), and C-ECHO as SCU (mdd_dicom_serve, mdd_dicom_echo of dicom.h).
+ *
+ * Received data sets are never parsed and re-encoded here: their bytes are
+ * taken as they arrive and wrapped in a Part 10 file meta header, so the
+ * archive keeps exactly what the modality sent.  Everything that touches
+ * the database happens in the C callbacks.
+ *
+ * Boundary rules: no PostgreSQL header here; nothing thrown escapes.
+ */
+#include "dicom.h"
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmnet/assoc.h>
+#include <dcmtk/dcmnet/dimse.h>
+#include <dcmtk/dcmnet/diutil.h>
+#include <dcmtk/dcmnet/dul.h>
+#include <dcmtk/oflog/oflog.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace
+{
+
+const char *const MDD_IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1379.1";
+const char *const MDD_IMPLEMENTATION_VERSION = "MDD_010";
+
+/*
+ * Transfer syntaxes we accept, most preferred first: a compressed syntax the
+ * sender offers is taken as it is rather than asking it to decompress.
+ */
+const char *acceptedTransferSyntaxes[] = {
+	UID_JPEGProcess14SV1TransferSyntax,
+	UID_JPEGProcess14TransferSyntax,
+	UID_JPEGLSLosslessTransferSyntax,
+	UID_JPEG2000LosslessOnlyTransferSyntax,
+	UID_RLELosslessTransferSyntax,
+	UID_JPEGProcess1TransferSyntax,
+	UID_JPEGProcess2_4TransferSyntax,
+	UID_JPEGLSLossyTransferSyntax,
+	UID_JPEG2000TransferSyntax,
+	UID_MPEG2MainProfileAtMainLevelTransferSyntax,
+	UID_MPEG4HighProfileLevel4_1TransferSyntax,
+	UID_DeflatedExplicitVRLittleEndianTransferSyntax,
+	UID_LittleEndianExplicitTransferSyntax,
+	UID_BigEndianExplicitTransferSyntax,
+	UID_LittleEndianImplicitTransferSyntax,
+};
+const int numberOfAcceptedTransferSyntaxes =
+	sizeof(acceptedTransferSyntaxes) / sizeof(acceptedTransferSyntaxes[0]);
+
+/* uncompressed syntaxes only, for Verification */
+const char *uncompressedTransferSyntaxes[] = {
+	UID_LittleEndianExplicitTransferSyntax,
+	UID_BigEndianExplicitTransferSyntax,
+	UID_LittleEndianImplicitTransferSyntax,
+};
+
+void
+setError(char *errbuf, size_t len, const std::string &msg)
+{
+	if (errbuf && len > 0)
+		snprintf(errbuf, len, "%s", msg.c_str());
+}
+
+void
+initialiseOnce()
+{
+	static bool done = false;
+
+	if (!done)
+	{
+		OFLog::configure(OFLogger::OFF_LOG_LEVEL);
+		/* DCMTK sets TCP_NODELAY on the sockets it opens when this is set */
+		setenv("TCP_NODELAY", "1", 0);
+		done = true;
+	}
+}
+
+/* a DcmConsumer that keeps everything written to it in memory */
+class MemoryConsumer : public DcmConsumer
+{
+public:
+	OFBool good() const override { return true; }
+	OFCondition status() const override { return EC_Normal; }
+	OFBool isFlushed() const override { return true; }
+	offile_off_t avail() const override { return 1 << 30; }
+	offile_off_t write(const void *buf, offile_off_t buflen) override
+	{
+		const unsigned char *p = static_cast<const unsigned char *>(buf);
+
+		bytes.insert(bytes.end(), p, p + buflen);
+		return buflen;
+	}
+	void flush() override {}
+
+	std::vector<unsigned char> bytes;
+};
+
+/* the output stream DIMSE_receiveDataSetInFile writes the raw data set to */
+class MemoryOutputStream : public DcmOutputStream
+{
+public:
+	MemoryOutputStream() : DcmOutputStream(&consumer_) {}
+	std::vector<unsigned char> &bytes() { return consumer_.bytes; }
+
+private:
+	MemoryConsumer consumer_;
+};
+
+void
+put16(std::vector<unsigned char> &out, unsigned v)
+{
+	out.push_back(v & 0xFF);
+	out.push_back((v >> 8) & 0xFF);
+}
+
+void
+put32(std::vector<unsigned char> &out, unsigned long v)
+{
+	for (int i = 0; i < 4; i++)
+		out.push_back((v >> (8 * i)) & 0xFF);
+}
+
+/* one explicit VR little endian element of group 0002 with a short VR */
+void
+putMetaElement(std::vector<unsigned char> &out, unsigned element, const char *vr,
+			   const std::string &value, char pad)
+{
+	std::string v = value;
+
+	if (v.size() % 2)
+		v += pad;
+	put16(out, 0x0002);
+	put16(out, element);
+	out.push_back(vr[0]);
+	out.push_back(vr[1]);
+	put16(out, static_cast<unsigned>(v.size()));
+	out.insert(out.end(), v.begin(), v.end());
+}
+
+/*
+ * A Part 10 file: preamble, "DICM", the file meta information group for
+ * this object, then the data set bytes exactly as received.
+ */
+std::vector<unsigned char>
+part10File(const std::vector<unsigned char> &dataset, const std::string &sopClass,
+		   const std::string &sopInstance, const std::string &transferSyntax,
+		   const std::string &sourceAE)
+{
+	std::vector<unsigned char> group;
+	std::vector<unsigned char> out(128, 0);
+
+	/* (0002,0001) OB 00\01: OB has the long form */
+	put16(group, 0x0002);
+	put16(group, 0x0001);
+	group.push_back('O');
+	group.push_back('B');
+	put16(group, 0);
+	put32(group, 2);
+	group.push_back(0);
+	group.push_back(1);
+	putMetaElement(group, 0x0002, "UI", sopClass, '\0');
+	putMetaElement(group, 0x0003, "UI", sopInstance, '\0');
+	putMetaElement(group, 0x0010, "UI", transferSyntax, '\0');
+	putMetaElement(group, 0x0012, "UI", MDD_IMPLEMENTATION_CLASS_UID, '\0');
+	putMetaElement(group, 0x0013, "SH", MDD_IMPLEMENTATION_VERSION, ' ');
+	if (!sourceAE.empty())
+		putMetaElement(group, 0x0016, "AE", sourceAE, ' ');
+
+	out.push_back('D');
+	out.push_back('I');
+	out.push_back('C');
+	out.push_back('M');
+	put16(out, 0x0002);
+	put16(out, 0x0000);
+	out.push_back('U');
+	out.push_back('L');
+	put16(out, 4);
+	put32(out, group.size());
+	out.insert(out.end(), group.begin(), group.end());
+	out.insert(out.end(), dataset.begin(), dataset.end());
+	return out;
+}
+
+std::string
+trimAE(const char *ae)
+{
+	std::string s(ae ? ae : "");
+
+	while (!s.empty() && s.back() == ' ')
+		s.pop_back();
+	size_t		start = s.find_first_not_of(' ');
+
+	return start == std::string::npos ? "" : s.substr(start);
+}
+
+/* one association being served, with what the C side granted it */
+class Association
+{
+public:
+	Association(T_ASC_Association *assoc, const MddDicomServerConfig *config,
+				const MddDicomCallbacks *cb, int permits, const std::string &callingAE)
+		: assoc_(assoc), config_(config), cb_(cb), permits_(permits),
+		  callingAE_(callingAE), stored_(0), failed_(0) {}
+
+	/* the DIMSE loop; returns false when the association was aborted */
+	bool serve();
+
+private:
+	void log(int level, const std::string &msg)
+	{
+		if (cb_->log)
+			cb_->log(cb_->arg, level, msg.c_str());
+	}
+	bool handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req);
+
+	T_ASC_Association *assoc_;
+	const MddDicomServerConfig *config_;
+	const MddDicomCallbacks *cb_;
+	int			permits_;
+	std::string callingAE_;
+	int			stored_;
+	int			failed_;
+};
+
+bool
+Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req)
+{
+	MemoryOutputStream stream;
+	T_ASC_PresentationContextID dataPresID = presID;
+	T_ASC_PresentationContext pc;
+	T_DIMSE_C_StoreRSP rsp;
+	DcmDataset	detail;
+	char		comment[256] = "";
+	OFCondition cond;
+
+	cond = DIMSE_receiveDataSetInFile(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+									  &dataPresID, &stream, NULL, NULL);
+	if (cond.bad())
+	{
+		log(MDD_LOG_WARNING, std::string("C-STORE of ") + req.AffectedSOPInstanceUID +
+			" from " + callingAE_ + " broke off while receiving the data set: " +
+			cond.text() + "; nothing was stored");
+		return false;
+	}
+
+	memset(&rsp, 0, sizeof(rsp));
+	rsp.MessageIDBeingRespondedTo = req.MessageID;
+	rsp.DataSetType = DIMSE_DATASET_NULL;
+	OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
+						sizeof(rsp.AffectedSOPClassUID));
+	OFStandard::strlcpy(rsp.AffectedSOPInstanceUID, req.AffectedSOPInstanceUID,
+						sizeof(rsp.AffectedSOPInstanceUID));
+	rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
+
+	if (!(permits_ & MDD_PERMIT_STORE))
+	{
+		rsp.DimseStatus = 0x0124;	/* Refused: Not Authorized */
+		snprintf(comment, sizeof(comment), "%s may not store to this archive",
+				 callingAE_.c_str());
+	}
+	else if (dataPresID != presID ||
+			 ASC_findAcceptedPresentationContext(assoc_->params, dataPresID, &pc).bad())
+	{
+		rsp.DimseStatus = STATUS_STORE_Error_CannotUnderstand;
+		snprintf(comment, sizeof(comment), "data set on another presentation context");
+	}
+	else
+	{
+		std::vector<unsigned char> file =
+			part10File(stream.bytes(), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+					   pc.acceptedTransferSyntax, callingAE_);
+
+		stream.bytes().clear();
+		stream.bytes().shrink_to_fit();
+		rsp.DimseStatus = cb_->store(cb_->arg, file.data(), file.size(),
+									 req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+									 comment, sizeof(comment));
+	}
+
+	if (rsp.DimseStatus == STATUS_Success)
+		stored_++;
+	else
+	{
+		failed_++;
+		if (comment[0])
+		{
+			std::string c(comment);
+
+			if (c.size() > 64)	/* Error Comment is LO */
+				c.resize(64);
+			detail.putAndInsertString(DCM_ErrorComment, c.c_str());
+		}
+	}
+	cond = DIMSE_sendStoreResponse(assoc_, presID, &req, &rsp,
+								   rsp.DimseStatus == STATUS_Success ? NULL : &detail);
+	if (cond.bad())
+	{
+		log(MDD_LOG_WARNING, std::string("could not answer C-STORE to ") + callingAE_ +
+			": " + cond.text());
+		return false;
+	}
+	return true;
+}
+
+bool
+Association::serve()
+{
+	time_t		lastActivity = time(NULL);
+
+	for (;;)
+	{
+		T_DIMSE_Message msg;
+		T_ASC_PresentationContextID presID = 0;
+		DcmDataset *statusDetail = NULL;
+		OFCondition cond;
+
+		if (cb_->should_stop(cb_->arg))
+		{
+			log(MDD_LOG_INFO, "aborting association with " + callingAE_ + ": server shutting down");
+			ASC_abortAssociation(assoc_);
+			return false;
+		}
+
+		/* wait at most a second at a time, so that a stop request is seen */
+		cond = DIMSE_receiveCommand(assoc_, DIMSE_NONBLOCKING, 1, &presID, &msg, &statusDetail);
+		delete statusDetail;
+
+		if (cond == DIMSE_NODATAAVAILABLE)
+		{
+			if (time(NULL) - lastActivity >= config_->dimse_timeout)
+			{
+				log(MDD_LOG_INFO, "aborting association with " + callingAE_ +
+					": idle for longer than the DIMSE timeout");
+				ASC_abortAssociation(assoc_);
+				return false;
+			}
+			continue;
+		}
+		lastActivity = time(NULL);
+		if (cond == DUL_PEERREQUESTEDRELEASE)
+		{
+			ASC_acknowledgeRelease(assoc_);
+			log(MDD_LOG_DEBUG, "association with " + callingAE_ + " released: " +
+				std::to_string(stored_) + " stored, " + std::to_string(failed_) + " failed");
+			return true;
+		}
+		if (cond == DUL_PEERABORTEDASSOCIATION)
+		{
+			log(MDD_LOG_INFO, "association with " + callingAE_ + " aborted by the peer");
+			return false;
+		}
+		if (cond.bad())
+		{
+			log(MDD_LOG_WARNING, "association with " + callingAE_ + " failed: " + cond.text());
+			ASC_abortAssociation(assoc_);
+			return false;
+		}
+
+		switch (msg.CommandField)
+		{
+			case DIMSE_C_ECHO_RQ:
+				cond = DIMSE_sendEchoResponse(assoc_, presID, &msg.msg.CEchoRQ,
+											  STATUS_Success, NULL);
+				break;
+			case DIMSE_C_STORE_RQ:
+				if (!handleStore(presID, msg.msg.CStoreRQ))
+				{
+					ASC_abortAssociation(assoc_);
+					return false;
+				}
+				break;
+			default:
+				log(MDD_LOG_WARNING, "aborting association with " + callingAE_ +
+					": unsupported DIMSE command " + std::to_string(msg.CommandField));
+				ASC_abortAssociation(assoc_);
+				return false;
+		}
+		if (cond.bad())
+		{
+			ASC_abortAssociation(assoc_);
+			return false;
+		}
+	}
+}
+
+/* accept the presentation contexts we serve; refuse the rest */
+OFCondition
+acceptContexts(T_ASC_Parameters *params)
+{
+	const char *verification[] = {UID_VerificationSOPClass};
+	OFCondition cond;
+
+	cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
+		params, verification, 1, uncompressedTransferSyntaxes, 3);
+	if (cond.good())
+		cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
+			params, dcmAllStorageSOPClassUIDs, numberOfDcmAllStorageSOPClassUIDs,
+			acceptedTransferSyntaxes, numberOfAcceptedTransferSyntaxes);
+	return cond;
+}
+
+MddDicomStatus
+serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
+	  char *errbuf, size_t errbuf_len)
+{
+	T_ASC_Network *net = NULL;
+	T_ASC_Association *assoc = NULL;
+	MddDicomStatus result = MDD_DICOM_OK;
+	OFCondition cond;
+
+	initialiseOnce();
+	dcmExternalSocketHandle.set(fd);
+	cond = ASC_initializeNetwork(NET_ACCEPTOR, 0, config->acse_timeout, &net);
+	if (cond.bad())
+	{
+		dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+		setError(errbuf, errbuf_len, std::string("cannot set up the network: ") + cond.text());
+		return MDD_DICOM_NETWORK;
+	}
+
+	cond = ASC_receiveAssociation(net, &assoc, config->max_pdu, NULL, NULL, OFFalse,
+								  DUL_NOBLOCK, config->acse_timeout);
+	dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+	if (cond.bad())
+	{
+		setError(errbuf, errbuf_len, std::string("association request failed: ") + cond.text());
+		result = MDD_DICOM_NETWORK;
+	}
+	else
+	{
+		char		callingAE[20] = "",
+					calledAE[20] = "",
+					reason[256] = "";
+		DIC_NODENAME peerHost;
+		int			permits;
+
+		ASC_getAPTitles(assoc->params, callingAE, sizeof(callingAE), calledAE,
+						sizeof(calledAE), NULL, 0);
+		ASC_getPresentationAddresses(assoc->params, peerHost, sizeof(peerHost), NULL, 0);
+
+		std::string calling = trimAE(callingAE);
+		std::string called = trimAE(calledAE);
+
+		permits = cb->admit(cb->arg, calling.c_str(), called.c_str(), peerHost,
+							reason, sizeof(reason));
+		if (permits == 0)
+		{
+			T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT,
+				ASC_SOURCE_SERVICEUSER,
+				called != config->ae_title ? ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED
+				: ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED};
+
+			ASC_rejectAssociation(assoc, &rej);
+		}
+		else if ((cond = acceptContexts(assoc->params)).bad() ||
+				 (cond = ASC_acknowledgeAssociation(assoc)).bad())
+		{
+			setError(errbuf, errbuf_len, std::string("could not accept association: ") + cond.text());
+			result = MDD_DICOM_NETWORK;
+			ASC_abortAssociation(assoc);
+		}
+		else
+		{
+			Association a(assoc, config, cb, permits, calling);
+
+			if (!a.serve())
+			{
+				setError(errbuf, errbuf_len, "association aborted");
+				result = MDD_DICOM_NETWORK;
+			}
+		}
+		ASC_dropSCPAssociation(assoc, 1);
+		ASC_destroyAssociation(&assoc);
+	}
+	if (assoc)
+		ASC_destroyAssociation(&assoc);
+	ASC_dropNetwork(&net);
+	return result;
+}
+
+MddDicomStatus
+echo(const char *ourAE, const char *peerAE, const char *host, int port, int timeout,
+	 char *errbuf, size_t errbuf_len)
+{
+	T_ASC_Network *net = NULL;
+	T_ASC_Parameters *params = NULL;
+	T_ASC_Association *assoc = NULL;
+	char		address[300];
+	OFCondition cond;
+	MddDicomStatus result = MDD_DICOM_NETWORK;
+
+	initialiseOnce();
+	dcmConnectionTimeout.set(timeout);
+	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net);
+	if (cond.good())
+		cond = ASC_createAssociationParameters(&params, ASC_DEFAULTMAXPDU);
+	if (cond.good())
+	{
+		snprintf(address, sizeof(address), "%s:%d", host, port);
+		ASC_setAPTitles(params, ourAE, peerAE, NULL);
+		ASC_setPresentationAddresses(params, OFStandard::getHostName().c_str(), address);
+		cond = ASC_addPresentationContext(params, 1, UID_VerificationSOPClass,
+										  uncompressedTransferSyntaxes, 3);
+	}
+	if (cond.good())
+		cond = ASC_requestAssociation(net, params, &assoc);
+	if (cond.bad())
+	{
+		if (cond == DUL_ASSOCIATIONREJECTED)
+			setError(errbuf, errbuf_len, "the peer rejected the association");
+		else
+			setError(errbuf, errbuf_len, std::string("cannot associate: ") + cond.text());
+	}
+	else if (ASC_countAcceptedPresentationContexts(params) == 0)
+	{
+		setError(errbuf, errbuf_len, "the peer accepts no Verification context");
+		ASC_abortAssociation(assoc);
+	}
+	else
+	{
+		DIC_US		status = 0;
+		DcmDataset *detail = NULL;
+
+		cond = DIMSE_echoUser(assoc, 1, DIMSE_BLOCKING, timeout, &status, &detail);
+		delete detail;
+		if (cond.good() && status == STATUS_Success)
+		{
+			result = MDD_DICOM_OK;
+			ASC_releaseAssociation(assoc);
+		}
+		else
+		{
+			setError(errbuf, errbuf_len, cond.bad()
+					 ? std::string("C-ECHO failed: ") + cond.text()
+					 : "C-ECHO answered status " + std::to_string(status));
+			ASC_abortAssociation(assoc);
+		}
+	}
+	if (assoc)
+		ASC_destroyAssociation(&assoc);
+	else if (params)
+		ASC_destroyAssociationParameters(&params);
+	if (net)
+		ASC_dropNetwork(&net);
+	return result;
+}
+
+}								/* namespace */
+
+extern "C" MddDicomStatus
+mdd_dicom_serve(int fd, const MddDicomServerConfig *config,
+				const MddDicomCallbacks *callbacks, char *errbuf, size_t errbuf_len)
+{
+	if (errbuf && errbuf_len > 0)
+		errbuf[0] = '\0';
+	try
+	{
+		return serve(fd, config, callbacks, errbuf, errbuf_len);
+	}
+	catch (const std::bad_alloc &)
+	{
+		setError(errbuf, errbuf_len, "out of memory while serving an association");
+		return MDD_DICOM_OUT_OF_MEMORY;
+	}
+	catch (...)
+	{
+		setError(errbuf, errbuf_len, "DICOM service failed with an exception");
+		return MDD_DICOM_INTERNAL;
+	}
+}
+
+extern "C" MddDicomStatus
+mdd_dicom_echo(const char *our_ae, const char *peer_ae, const char *host, int port,
+			   int timeout, char *errbuf, size_t errbuf_len)
+{
+	if (errbuf && errbuf_len > 0)
+		errbuf[0] = '\0';
+	try
+	{
+		return echo(our_ae, peer_ae, host, port, timeout, errbuf, errbuf_len);
+	}
+	catch (...)
+	{
+		setError(errbuf, errbuf_len, "C-ECHO failed with an exception");
+		return MDD_DICOM_INTERNAL;
+	}
+}

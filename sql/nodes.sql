@@ -1,0 +1,156 @@
+-- mdd: DICOM nodes (application entities) and what they may do
+
+CREATE TABLE mdd.node (
+	id				serial PRIMARY KEY,
+	name			text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+	ae_title		text NOT NULL CHECK (ae_title ~ '^[ -[\]-~]{1,16}$' AND ae_title !~ '^ | $'),
+	host			text,
+	port			integer CHECK (port BETWEEN 1 AND 65535),
+	may_store		boolean NOT NULL DEFAULT true,
+	may_query		boolean NOT NULL DEFAULT true,
+	may_retrieve	boolean NOT NULL DEFAULT true,
+	options			jsonb NOT NULL DEFAULT '{}',
+	created_at		timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON mdd.node (ae_title);
+
+-- mdd.add_node: a DICOM application entity.  host and port say where it
+-- listens (for C-ECHO, C-MOVE destinations); an incoming association from
+-- its AE title is accepted only from that host when host is set.  Options:
+-- {"store": bool, "query": bool, "retrieve": bool} (default all true).
+CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
+							 options jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	bad text;
+BEGIN
+	IF name IS NULL OR ae_title IS NULL THEN
+		RAISE EXCEPTION 'node name and AE title must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+		RAISE EXCEPTION 'invalid node name "%"', name
+			USING ERRCODE = '22023', DETAIL = 'Use 1 to 63 letters, digits, "_", "." or "-".';
+	END IF;
+	IF ae_title !~ '^[ -[\]-~]{1,16}$' OR ae_title ~ '^ | $' THEN
+		RAISE EXCEPTION 'invalid AE title "%"', ae_title
+			USING ERRCODE = '22023',
+				  DETAIL = 'An AE title has 1 to 16 printable ASCII characters, no backslash, no leading or trailing space.';
+	END IF;
+	IF port IS NOT NULL AND port NOT BETWEEN 1 AND 65535 THEN
+		RAISE EXCEPTION 'invalid port %', port USING ERRCODE = '22023';
+	END IF;
+	options := coalesce(options, '{}');
+	IF jsonb_typeof(options) <> 'object' THEN
+		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
+	END IF;
+	SELECT string_agg(k, ', ') INTO bad
+	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve');
+	IF bad IS NOT NULL THEN
+		RAISE EXCEPTION 'unknown node option(s): %', bad
+			USING ERRCODE = '22023', HINT = 'Options are "store", "query" and "retrieve".';
+	END IF;
+	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, options)
+	VALUES (add_node.name, add_node.ae_title, nullif(add_node.host, ''), add_node.port,
+			coalesce((options->>'store')::boolean, true),
+			coalesce((options->>'query')::boolean, true),
+			coalesce((options->>'retrieve')::boolean, true),
+			options);
+EXCEPTION WHEN unique_violation THEN
+	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
+END;
+$$;
+
+CREATE VIEW mdd.nodes AS
+SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, created_at
+FROM mdd.node;
+
+CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text
+	AS 'MODULE_PATHNAME', 'mdd_echo_sql' LANGUAGE C VOLATILE;
+
+CREATE FUNCTION mdd.echo(node text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n mdd.node;
+	failure text;
+BEGIN
+	SELECT * INTO n FROM mdd.node x WHERE x.name = echo.node;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(echo.node, '')
+			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
+	END IF;
+	IF n.host IS NULL OR n.port IS NULL THEN
+		RAISE EXCEPTION 'node "%" has no host and port to call', n.name USING ERRCODE = '22023';
+	END IF;
+	failure := mdd._echo(n.ae_title, n.host, n.port, 10);
+	PERFORM mdd._audit('echo', NULL, NULL,
+					   format('%s (%s at %s:%s): %s', n.name, n.ae_title, n.host, n.port,
+							  coalesce(failure, 'success')));
+	IF failure IS NOT NULL THEN
+		RAISE NOTICE 'C-ECHO to node "%" failed: %', n.name, failure;
+	END IF;
+	RETURN failure IS NULL;
+END;
+$$;
+
+-- Whether an association request is accepted, and what the peer may do.
+-- Called by the DICOM listeners; writes the audit trail.
+CREATE FUNCTION mdd._dicom_admit(calling_ae text, called_ae text, peer text,
+								 OUT permits integer, OUT reason text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	ours text := coalesce(current_setting('mdd.ae_title', true), 'MDD');
+	n mdd.node;
+BEGIN
+	permits := 0;
+	IF called_ae IS DISTINCT FROM ours THEN
+		reason := format('called AE title "%s" is not this archive''s "%s"', called_ae, ours);
+	ELSE
+		SELECT * INTO n FROM mdd.node x
+		WHERE x.ae_title = calling_ae
+		  AND (x.host IS NULL OR x.host = peer
+			   OR (x.host = 'localhost' AND peer IN ('127.0.0.1', '::1')))
+		ORDER BY x.host IS NULL, x.id
+		LIMIT 1;
+		IF FOUND THEN
+			permits := 1 | CASE WHEN n.may_store THEN 2 ELSE 0 END
+						 | CASE WHEN n.may_query THEN 4 ELSE 0 END
+						 | CASE WHEN n.may_retrieve THEN 8 ELSE 0 END;
+			reason := format('node %s', n.name);
+		ELSIF current_setting('mdd.accept_unknown_nodes', true)::boolean THEN
+			permits := 1 | 2 | 4 | 8;
+			reason := 'unknown node accepted (mdd.accept_unknown_nodes)';
+		ELSIF EXISTS (SELECT 1 FROM mdd.node x WHERE x.ae_title = calling_ae) THEN
+			reason := format('AE title "%s" is not registered for host %s', calling_ae, peer);
+		ELSE
+			reason := format('unknown AE title "%s"', calling_ae);
+		END IF;
+	END IF;
+	INSERT INTO mdd.audit (role, action, detail, client)
+	VALUES (mdd._caller(), CASE WHEN permits = 0 THEN 'refuse' ELSE 'associate' END,
+			format('%s -> %s: %s', calling_ae, called_ae, reason),
+			format('%s@%s', calling_ae, peer));
+END;
+$$;
+
+-- Archive an object received by C-STORE.  Its SOP Instance UID must be the
+-- one the C-STORE request announced.
+CREATE FUNCTION mdd._store_received(data bytea, calling_ae text, peer text,
+									sop_instance_uid text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	obj bigint := mdd._store_dicom(data, 'dicom:' || calling_ae, NULL,
+								   format('%s@%s', calling_ae, peer));
+BEGIN
+	IF (SELECT o.sop_instance_uid FROM mdd.object o WHERE o.id = obj) <> _store_received.sop_instance_uid THEN
+		RAISE EXCEPTION 'data set SOP Instance UID differs from the C-STORE request'
+			USING ERRCODE = '22023',
+				  DETAIL = format('The request announced %s.', _store_received.sop_instance_uid);
+	END IF;
+	RETURN obj;
+END;
+$$;
