@@ -37,6 +37,7 @@
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 
 #include "../extension/dicom.h"
 #include "workers.h"
@@ -254,6 +255,8 @@ serve_connection(int fd, Peer *peer)
 	struct stat before;
 	struct stat after;
 	int			one = 1;
+	int			rc;
+	TimestampTz deadline;
 	MddDicomStatus status;
 
 	(void) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
@@ -272,6 +275,37 @@ serve_connection(int fd, Peer *peer)
 	callbacks.store = store_callback;
 	callbacks.should_stop = should_stop_callback;
 	callbacks.log = log_callback;
+
+	/*
+	 * Wait for the association request here, where a stop request is seen
+	 * at once, rather than inside DCMTK for the whole ACSE timeout.
+	 */
+	deadline = GetCurrentTimestamp() + mdd_dicom_acse_timeout * USECS_PER_SEC;
+	for (;;)
+	{
+		long		left = (deadline - GetCurrentTimestamp()) / 1000;
+
+		if (mdd_got_sigterm || left <= 0)
+		{
+			ereport(LOG,
+					(errmsg("mdd dicom listener %d: connection from %s closed: %s",
+							peer->listener, peer->host,
+							mdd_got_sigterm ? "server shutting down"
+							: "no association request within the ACSE timeout")));
+			close(fd);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			return;
+		}
+		rc = WaitLatchOrSocket(MyLatch, WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
+							   WL_EXIT_ON_PM_DEATH, fd, left, PG_WAIT_EXTENSION);
+		if (rc & WL_SOCKET_READABLE)
+			break;
+		if (rc & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			mdd_worker_reload_if_asked();
+		}
+	}
 
 	(void) fstat(fd, &before);
 	status = mdd_dicom_serve(fd, &config, &callbacks, errbuf, sizeof(errbuf));
