@@ -11,7 +11,7 @@ EXTVERSION = 0.1.0
 
 MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
-	extension/file_io.o extension/storage_file.o \
+	extension/file_io.o extension/storage_file.o extension/tally.o \
 	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o \
 	extension/network.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \

@@ -127,6 +127,7 @@ _PG_init(void)
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
+	mdd_tally_init();
 
 	/*
 	 * The workers run only when mdd is preloaded; then the postmaster also

@@ -29,4 +29,7 @@ extern void mdd_make_directories(const char *path, List **created);
 /* storage_file.c */
 extern void mdd_storage_file_init(void);
 
+/* tally.c */
+extern void mdd_tally_init(void);
+
 #endif							/* MDD_H */

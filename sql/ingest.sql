@@ -94,7 +94,7 @@ BEGIN
 		IF se.id IS NULL THEN
 			SELECT * INTO se FROM mdd.series s WHERE s.series_instance_uid = uid;
 		ELSE
-			UPDATE mdd.study s SET
+			UPDATE mdd.study s SET series_count = s.series_count + 1,
 				modalities = CASE WHEN se.modality IS NULL OR se.modality = ANY (s.modalities)
 								  THEN s.modalities ELSE s.modalities || se.modality END
 			WHERE s.id = study;
@@ -204,6 +204,7 @@ BEGIN
 	FROM jsonb_array_elements(info->'references') r
 	ON CONFLICT DO NOTHING;
 
+	PERFORM mdd._tally(ser, stu);
 	PERFORM mdd._keep(obj, digest, data);
 	PERFORM mdd._audit('store', obj, info->>'patient_id',
 					   coalesce(origin, format('%s bytes', length(data))), client);

@@ -12,11 +12,10 @@ CREATE TABLE mdd.patient (
 	created_at		timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per study.  The modality list is kept up to date as series
--- arrive, so that queries need not compute it.  (Objects are not counted
--- here: a counter updated per object serialises concurrent stores into one
--- study and, inside one long import, makes every row lookup walk a growing
--- chain of row versions.)
+-- One row per study.  The modality list and the counts are kept up to date
+-- as objects arrive, so that queries need not compute them: series_count
+-- when a series is created, object_count at the commit of the transaction
+-- that stored objects (extension/tally.c).
 CREATE TABLE mdd.study (
 	id					bigserial PRIMARY KEY,
 	patient				bigint NOT NULL REFERENCES mdd.patient(id),
@@ -27,7 +26,9 @@ CREATE TABLE mdd.study (
 	study_id			text,
 	accession_number	text,
 	referring_physician text,
-	modalities			text[] NOT NULL DEFAULT '{}'
+	modalities			text[] NOT NULL DEFAULT '{}',
+	series_count		integer NOT NULL DEFAULT 0,
+	object_count		integer NOT NULL DEFAULT 0
 );
 CREATE INDEX ON mdd.study (patient);
 CREATE INDEX ON mdd.study (study_date);
@@ -42,7 +43,8 @@ CREATE TABLE mdd.series (
 	series_description		text,
 	series_date				date,
 	body_part_examined		text,
-	frame_of_reference_uid	text
+	frame_of_reference_uid	text,
+	object_count			integer NOT NULL DEFAULT 0
 );
 CREATE INDEX ON mdd.series (study);
 
@@ -117,3 +119,5 @@ CREATE FUNCTION mdd._file_put(root text, locator text, data bytea) RETURNS bigin
 	AS 'MODULE_PATHNAME', 'mdd_file_put_sql' LANGUAGE C VOLATILE;
 CREATE FUNCTION mdd._file_get(root text, locator text) RETURNS bytea
 	AS 'MODULE_PATHNAME', 'mdd_file_get_sql' LANGUAGE C VOLATILE;
+CREATE FUNCTION mdd._tally(series bigint, study bigint) RETURNS void
+	AS 'MODULE_PATHNAME', 'mdd_tally_sql' LANGUAGE C VOLATILE;
