@@ -223,6 +223,23 @@ should_stop_callback(void *arg)
 	return mdd_got_sigterm ? 1 : 0;
 }
 
+static int
+wait_readable_callback(void *arg, int fd, int timeout_ms)
+{
+	int			rc;
+
+	if (mdd_got_sigterm)
+		return 0;
+	rc = WaitLatchOrSocket(MyLatch, WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
+						   WL_EXIT_ON_PM_DEATH, fd, timeout_ms, PG_WAIT_EXTENSION);
+	if (rc & WL_LATCH_SET)
+	{
+		ResetLatch(MyLatch);
+		mdd_worker_reload_if_asked();
+	}
+	return (rc & WL_SOCKET_READABLE) ? 1 : 0;
+}
+
 static void
 log_callback(void *arg, int level, const char *message)
 {
@@ -274,6 +291,7 @@ serve_connection(int fd, Peer *peer)
 	callbacks.admit = admit_callback;
 	callbacks.store = store_callback;
 	callbacks.should_stop = should_stop_callback;
+	callbacks.wait_readable = wait_readable_callback;
 	callbacks.log = log_callback;
 
 	/*
@@ -308,7 +326,11 @@ serve_connection(int fd, Peer *peer)
 	}
 
 	(void) fstat(fd, &before);
+	mdd_connection_fd = fd;
+	if (mdd_got_sigterm)
+		(void) shutdown(fd, SHUT_RDWR);
 	status = mdd_dicom_serve(fd, &config, &callbacks, errbuf, sizeof(errbuf));
+	mdd_connection_fd = -1;
 	if (status != MDD_DICOM_OK)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: association from \"%s\" at %s ended: %s",

@@ -4,16 +4,17 @@
  *	  What every mdd background worker does the same way: signal handling
  *	  and configuration reloads.
  *
- * SIGTERM only sets a flag and the latch: workers check the flag in their
- * loops (and the DICOM association loop asks for it every second), so an
- * association in progress is ended cleanly rather than cut in the middle
- * of a transaction.
+ * SIGTERM sets a flag and the latch: workers check the flag in their loops
+ * (and the DICOM association loop between messages), so that work is never
+ * cut in the middle of a transaction.  A DICOM connection being served is
+ * also shut down, see handle_sigterm.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <signal.h>
+#include <sys/socket.h>
 
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -24,6 +25,7 @@
 #include "workers.h"
 
 volatile sig_atomic_t mdd_got_sigterm = false;
+volatile sig_atomic_t mdd_connection_fd = -1;
 volatile sig_atomic_t mdd_got_sighup = false;
 
 static void
@@ -32,6 +34,15 @@ handle_sigterm(SIGNAL_ARGS)
 	int			save_errno = errno;
 
 	mdd_got_sigterm = true;
+
+	/*
+	 * A connection being served is shut down at once, so that a peer that
+	 * stalls in the middle of a message cannot hold up the stop: DCMTK's
+	 * blocked read returns, and a half-received object is not stored.
+	 * shutdown() is async-signal-safe.
+	 */
+	if (mdd_connection_fd >= 0)
+		(void) shutdown(mdd_connection_fd, SHUT_RDWR);
 	SetLatch(MyLatch);
 	errno = save_errno;
 }

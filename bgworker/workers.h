@@ -39,6 +39,7 @@ PGDLLEXPORT void mdd_listener_main(Datum arg);
 /* worker_common.c */
 extern volatile sig_atomic_t mdd_got_sigterm;
 extern volatile sig_atomic_t mdd_got_sighup;
+extern volatile sig_atomic_t mdd_connection_fd;	/* shut down on SIGTERM */
 extern void mdd_worker_setup_signals(void);
 extern void mdd_worker_reload_if_asked(void);
 

@@ -100,6 +100,12 @@ typedef struct MddDicomCallbacks
 	/* true when the service must stop (SIGTERM, postmaster death) */
 	int			(*should_stop) (void *arg);
 
+	/*
+	 * Wait until fd is readable, a stop is requested or timeout_ms passed;
+	 * true when readable.  Lets the C side wake at once on a stop request.
+	 */
+	int			(*wait_readable) (void *arg, int fd, int timeout_ms);
+
 	/* a line for the server log */
 	void		(*log) (void *arg, int level, const char *message);
 } MddDicomCallbacks;

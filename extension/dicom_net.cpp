@@ -209,9 +209,9 @@ trimAE(const char *ae)
 class Association
 {
 public:
-	Association(T_ASC_Association *assoc, const MddDicomServerConfig *config,
+	Association(T_ASC_Association *assoc, int fd, const MddDicomServerConfig *config,
 				const MddDicomCallbacks *cb, int permits, const std::string &callingAE)
-		: assoc_(assoc), config_(config), cb_(cb), permits_(permits),
+		: assoc_(assoc), fd_(fd), config_(config), cb_(cb), permits_(permits),
 		  callingAE_(callingAE), stored_(0), failed_(0) {}
 
 	/* the DIMSE loop; returns false when the association was aborted */
@@ -226,6 +226,7 @@ private:
 	bool handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req);
 
 	T_ASC_Association *assoc_;
+	int			fd_;
 	const MddDicomServerConfig *config_;
 	const MddDicomCallbacks *cb_;
 	int			permits_;
@@ -333,9 +334,18 @@ Association::serve()
 			return false;
 		}
 
-		/* wait at most a second at a time, so that a stop request is seen */
-		cond = DIMSE_receiveCommand(assoc_, DIMSE_NONBLOCKING, 1, &presID, &msg, &statusDetail);
-		delete statusDetail;
+		/*
+		 * Wait for the next command where a stop request wakes us at once:
+		 * on the socket, unless DCMTK already holds data read ahead.
+		 */
+		if (!ASC_dataWaiting(assoc_, 0) && !cb_->wait_readable(cb_->arg, fd_, 1000))
+			cond = DIMSE_NODATAAVAILABLE;
+		else
+		{
+			cond = DIMSE_receiveCommand(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+										&presID, &msg, &statusDetail);
+			delete statusDetail;
+		}
 
 		if (cond == DIMSE_NODATAAVAILABLE)
 		{
@@ -422,7 +432,14 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 
 	initialiseOnce();
 	dcmExternalSocketHandle.set(fd);
-	cond = ASC_initializeNetwork(NET_ACCEPTOR, 0, config->acse_timeout, &net);
+	/*
+	 * The network's own timeout is DCMTK's ARTIM timer: how long to wait for
+	 * the peer to close the connection after a release or an abort.  A
+	 * second is plenty, and keeps a stop request from waiting on a peer
+	 * that never closes.  The wait for the association request has its own
+	 * timeout (ASC_receiveAssociation below).
+	 */
+	cond = ASC_initializeNetwork(NET_ACCEPTOR, 0, 1, &net);
 	if (cond.bad())
 	{
 		dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
@@ -473,7 +490,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 		}
 		else
 		{
-			Association a(assoc, config, cb, permits, calling);
+			Association a(assoc, fd, config, cb, permits, calling);
 
 			if (!a.serve())
 			{
