@@ -215,6 +215,87 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 	return status;
 }
 
+/*
+ * C-FIND: the matches of mdd._dicom_find, flattened to (row, keyword,
+ * value) and copied into malloc()ed memory that the C++ side frees.
+ */
+static unsigned short
+find_callback(void *arg, const char *model, const char *level, const char *keys_json,
+			  MddFindResult *result, char *comment, size_t comment_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile unsigned short status = 0x0000;
+
+	memset(result, 0, sizeof(*result));
+	PG_TRY();
+	{
+		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+		Datum		values[3];
+		size_t		total = 0;
+		char	   *p;
+
+		values[0] = CStringGetTextDatum(model);
+		values[1] = CStringGetTextDatum(level);
+		values[2] = CStringGetTextDatum(keys_json);
+		begin_work("DICOM C-FIND");
+		run_sql("SELECT m.n - 1, e.key, e.value"
+				" FROM jsonb_array_elements(mdd._dicom_find($1, $2, $3::jsonb))"
+				"      WITH ORDINALITY AS m(row, n),"
+				"      jsonb_each_text(m.row) AS e"
+				" ORDER BY m.n", 3, types, values, NULL);
+
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			char	   *k = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+			char	   *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3);
+
+			total += strlen(k) + 1 + (v ? strlen(v) : 0) + 1;
+		}
+		result->items = malloc(sizeof(MddFindItem) * Max(SPI_processed, 1));
+		result->strings = malloc(Max(total, 1));
+		if (result->items == NULL || result->strings == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		p = result->strings;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[i];
+			bool		isnull;
+			int			row = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
+			char	   *k = SPI_getvalue(t, SPI_tuptable->tupdesc, 2);
+			char	   *v = SPI_getvalue(t, SPI_tuptable->tupdesc, 3);
+			MddFindItem *item = &result->items[result->nitems++];
+
+			item->row = row;
+			item->keyword = p;
+			p += strlen(strcpy(p, k)) + 1;
+			item->value = p;
+			p += strlen(strcpy(p, v ? v : "")) + 1;
+			result->nrows = Max(result->nrows, row + 1);
+		}
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		free(result->items);
+		free(result->strings);
+		memset(result, 0, sizeof(*result));
+		status = edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ? 0xA900 : 0xC000;
+		snprintf(comment, comment_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: C-FIND from \"%s\" at %s failed: %s",
+						peer->listener, peer->calling_ae, peer->host, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
+												   peer->calling_ae, peer->host));
+	return status;
+}
+
 static int
 should_stop_callback(void *arg)
 {
@@ -290,6 +371,7 @@ serve_connection(int fd, Peer *peer)
 	callbacks.arg = peer;
 	callbacks.admit = admit_callback;
 	callbacks.store = store_callback;
+	callbacks.find = find_callback;
 	callbacks.should_stop = should_stop_callback;
 	callbacks.wait_readable = wait_readable_callback;
 	callbacks.log = log_callback;

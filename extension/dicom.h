@@ -64,6 +64,23 @@ extern void mdd_dicom_free_json(char *json);
 #define MDD_LOG_INFO	1
 #define MDD_LOG_WARNING 2
 
+/* one value of one C-FIND match (row numbers from 0) */
+typedef struct MddFindItem
+{
+	int			row;
+	const char *keyword;		/* DICOM keyword, e.g. "StudyInstanceUID" */
+	const char *value;			/* UTF-8 */
+} MddFindItem;
+
+/* the matches of a C-FIND: items sorted by row; memory malloc()ed by the C side */
+typedef struct MddFindResult
+{
+	int			nrows;
+	int			nitems;
+	MddFindItem *items;			/* free() */
+	char	   *strings;		/* free(): the text items point into */
+} MddFindResult;
+
 typedef struct MddDicomServerConfig
 {
 	const char *ae_title;		/* our AE title; a peer calling another is refused */
@@ -96,6 +113,15 @@ typedef struct MddDicomCallbacks
 	unsigned short (*store) (void *arg, const unsigned char *data, size_t len,
 							 const char *sop_class_uid, const char *sop_instance_uid,
 							 char *comment, size_t comment_len);
+
+	/*
+	 * Match a C-FIND identifier: model "PATIENT" or "STUDY" (root), level,
+	 * and the identifier's keys as a JSON object keyword -> value.  Returns
+	 * 0 with *result filled, or the DIMSE failure status with a comment.
+	 */
+	unsigned short (*find) (void *arg, const char *model, const char *level,
+							const char *keys_json, MddFindResult *result,
+							char *comment, size_t comment_len);
 
 	/* true when the service must stop (SIGTERM, postmaster death) */
 	int			(*should_stop) (void *arg);

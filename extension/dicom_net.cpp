@@ -12,6 +12,7 @@
  * Boundary rules: no PostgreSQL header here; nothing thrown escapes.
  */
 #include "dicom.h"
+#include "dicom_json.hpp"
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
@@ -25,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -224,6 +226,9 @@ private:
 			cb_->log(cb_->arg, level, msg.c_str());
 	}
 	bool handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req);
+	bool handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req);
+	bool sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
+						unsigned short status, const char *comment);
 
 	T_ASC_Association *assoc_;
 	int			fd_;
@@ -315,6 +320,141 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 	return true;
 }
 
+/* the final C-FIND response, with an Error Comment for failures */
+bool
+Association::sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
+							unsigned short status, const char *comment)
+{
+	T_DIMSE_C_FindRSP rsp;
+	DcmDataset	detail;
+
+	memset(&rsp, 0, sizeof(rsp));
+	rsp.MessageIDBeingRespondedTo = req.MessageID;
+	rsp.DimseStatus = status;
+	rsp.DataSetType = DIMSE_DATASET_NULL;
+	OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
+						sizeof(rsp.AffectedSOPClassUID));
+	rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
+	if (comment && comment[0])
+	{
+		std::string c(comment);
+
+		if (c.size() > 64)
+			c.resize(64);
+		detail.putAndInsertString(DCM_ErrorComment, c.c_str());
+	}
+	return DIMSE_sendFindResponse(assoc_, presID, &req, &rsp, NULL,
+								  comment && comment[0] ? &detail : NULL).good();
+}
+
+/*
+ * C-FIND: the identifier's keys go to the C side as JSON; each match comes
+ * back as a pending response holding every key that was asked, in UTF-8.
+ */
+bool
+Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req)
+{
+	DcmDataset *ids = NULL;
+	T_ASC_PresentationContextID dataPresID = presID;
+	OFCondition cond;
+	std::string model;
+	MddJsonWriter keys;
+	std::vector<DcmTagKey> asked;
+	OFString	level;
+	MddFindResult result;
+	char		comment[256] = "";
+	unsigned short status;
+
+	cond = DIMSE_receiveDataSetInMemory(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+										&dataPresID, &ids, NULL, NULL);
+	if (cond.bad() || ids == NULL)
+	{
+		log(MDD_LOG_WARNING, "C-FIND from " + callingAE_ + ": no identifier: " + cond.text());
+		delete ids;
+		return false;
+	}
+	std::unique_ptr<DcmDataset> owner(ids);
+
+	if (strcmp(req.AffectedSOPClassUID, UID_FINDPatientRootQueryRetrieveInformationModel) == 0)
+		model = "PATIENT";
+	else if (strcmp(req.AffectedSOPClassUID, UID_FINDStudyRootQueryRetrieveInformationModel) == 0)
+		model = "STUDY";
+	else
+		return sendFindStatus(presID, req, 0xA900, "unsupported information model");
+	if (!(permits_ & MDD_PERMIT_QUERY))
+		return sendFindStatus(presID, req, 0x0124,
+							  (callingAE_ + " may not query this archive").c_str());
+
+	(void) ids->convertToUTF8();
+	ids->findAndGetOFString(DCM_QueryRetrieveLevel, level);
+
+	keys.beginObject();
+	for (unsigned long i = 0; i < ids->card(); i++)
+	{
+		DcmElement *e = ids->getElement(i);
+		DcmTag		tag(e->getTag());
+		OFString	value;
+
+		if (tag.getElement() == 0x0000 || tag == DCM_QueryRetrieveLevel ||
+			tag == DCM_SpecificCharacterSet || tag.getEVR() == EVR_SQ || tag.isPrivate())
+			continue;
+		asked.push_back(tag.getXTag());
+		e->getOFStringArray(value, OFTrue);
+		keys.key(tag.getTagName());
+		keys.string(std::string(value.c_str(), value.length()));
+	}
+	keys.endObject();
+
+	memset(&result, 0, sizeof(result));
+	status = cb_->find(cb_->arg, model.c_str(), level.c_str(), keys.text().c_str(),
+					   &result, comment, sizeof(comment));
+	if (status != STATUS_Success)
+		return sendFindStatus(presID, req, status, comment);
+
+	bool		ok = true;
+	bool		cancelled = false;
+	int			item = 0;
+
+	for (int row = 0; row < result.nrows && ok; row++)
+	{
+		DcmDataset	match;
+		T_DIMSE_C_FindRSP rsp;
+
+		if (DIMSE_checkForCancelRQ(assoc_, presID, req.MessageID).good())
+		{
+			cancelled = true;
+			break;
+		}
+		match.putAndInsertString(DCM_SpecificCharacterSet, "ISO_IR 192");
+		match.putAndInsertString(DCM_QueryRetrieveLevel, level.c_str());
+		for (const DcmTagKey &key : asked)
+			match.insertEmptyElement(key);
+		for (; item < result.nitems && result.items[item].row == row; item++)
+		{
+			DcmTag		tag;
+
+			if (DcmTag::findTagFromName(result.items[item].keyword, tag).good())
+				match.putAndInsertString(tag, result.items[item].value);
+		}
+
+		memset(&rsp, 0, sizeof(rsp));
+		rsp.MessageIDBeingRespondedTo = req.MessageID;
+		rsp.DimseStatus = STATUS_FIND_Pending_MatchesAreContinuing;
+		rsp.DataSetType = DIMSE_DATASET_PRESENT;
+		OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
+							sizeof(rsp.AffectedSOPClassUID));
+		rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
+		ok = DIMSE_sendFindResponse(assoc_, presID, &req, &rsp, &match, NULL).good();
+	}
+	free(result.items);
+	free(result.strings);
+	if (!ok)
+		return false;
+	return sendFindStatus(presID, req,
+						  cancelled ? STATUS_FIND_Cancel_MatchingTerminatedDueToCancelRequest
+						  : STATUS_Success, NULL);
+}
+
 bool
 Association::serve()
 {
@@ -384,6 +524,13 @@ Association::serve()
 				cond = DIMSE_sendEchoResponse(assoc_, presID, &msg.msg.CEchoRQ,
 											  STATUS_Success, NULL);
 				break;
+			case DIMSE_C_FIND_RQ:
+				if (!handleFind(presID, msg.msg.CFindRQ))
+				{
+					ASC_abortAssociation(assoc_);
+					return false;
+				}
+				break;
 			case DIMSE_C_STORE_RQ:
 				if (!handleStore(presID, msg.msg.CStoreRQ))
 				{
@@ -409,11 +556,15 @@ Association::serve()
 OFCondition
 acceptContexts(T_ASC_Parameters *params)
 {
-	const char *verification[] = {UID_VerificationSOPClass};
+	const char *uncompressedServices[] = {
+		UID_VerificationSOPClass,
+		UID_FINDPatientRootQueryRetrieveInformationModel,
+		UID_FINDStudyRootQueryRetrieveInformationModel,
+	};
 	OFCondition cond;
 
 	cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
-		params, verification, 1, uncompressedTransferSyntaxes, 3);
+		params, uncompressedServices, 3, uncompressedTransferSyntaxes, 3);
 	if (cond.good())
 		cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
 			params, dcmAllStorageSOPClassUIDs, numberOfDcmAllStorageSOPClassUIDs,
