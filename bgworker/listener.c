@@ -135,7 +135,7 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 		snprintf(reason, reason_len, "archive error: %s", edata->message);
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: could not check association from \"%s\" at %s: %s",
-						peer->listener, calling_ae, peer_host, edata->message)));
+						peer->listener, calling_ae, peer->host, edata->message)));
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
@@ -144,9 +144,9 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 	if (permits == 0)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: refused association from \"%s\" at %s to \"%s\": %s",
-						peer->listener, calling_ae, peer_host, called_ae, reason)));
+						peer->listener, calling_ae, peer->host, called_ae, reason)));
 	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
-												   calling_ae, peer_host));
+												   calling_ae, peer->host));
 	return permits;
 }
 
