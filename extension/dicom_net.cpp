@@ -12,6 +12,7 @@
  * Boundary rules: no PostgreSQL header here; nothing thrown escapes.
  */
 #include "dicom.h"
+#include "dicom_common.hpp"
 #include "dicom_json.hpp"
 
 #include <dcmtk/config/osconfig.h>
@@ -79,26 +80,6 @@ const char *uncompressedTransferSyntaxes[] = {
 	UID_LittleEndianImplicitTransferSyntax,
 };
 
-void
-setError(char *errbuf, size_t len, const std::string &msg)
-{
-	if (errbuf && len > 0)
-		snprintf(errbuf, len, "%s", msg.c_str());
-}
-
-void
-initialiseOnce()
-{
-	static bool done = false;
-
-	if (!done)
-	{
-		OFLog::configure(OFLogger::OFF_LOG_LEVEL);
-		/* DCMTK sets TCP_NODELAY on the sockets it opens when this is set */
-		setenv("TCP_NODELAY", "1", 0);
-		done = true;
-	}
-}
 
 /* a DcmConsumer that keeps everything written to it in memory */
 class MemoryConsumer : public DcmConsumer
@@ -793,7 +774,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	MddDicomStatus result = MDD_DICOM_OK;
 	OFCondition cond;
 
-	initialiseOnce();
+	mddInitialiseDcmtk();
 	dcmExternalSocketHandle.set(fd);
 	/*
 	 * The network's own timeout is DCMTK's ARTIM timer: how long to wait for
@@ -810,7 +791,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	if (cond.bad())
 	{
 		dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
-		setError(errbuf, errbuf_len, std::string("cannot set up the network: ") + cond.text());
+		mddSetError(errbuf, errbuf_len, std::string("cannot set up the network: ") + cond.text());
 		return MDD_DICOM_NETWORK;
 	}
 
@@ -820,7 +801,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
 	if (cond.bad())
 	{
-		setError(errbuf, errbuf_len, std::string("association request failed: ") + cond.text());
+		mddSetError(errbuf, errbuf_len, std::string("association request failed: ") + cond.text());
 		result = MDD_DICOM_NETWORK;
 	}
 	else
@@ -866,7 +847,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 		else if ((cond = acceptContexts(assoc->params)).bad() ||
 				 (cond = ASC_acknowledgeAssociation(assoc)).bad())
 		{
-			setError(errbuf, errbuf_len, std::string("could not accept association: ") + cond.text());
+			mddSetError(errbuf, errbuf_len, std::string("could not accept association: ") + cond.text());
 			result = MDD_DICOM_NETWORK;
 			ASC_abortAssociation(assoc);
 		}
@@ -876,7 +857,7 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 
 			if (!a.serve())
 			{
-				setError(errbuf, errbuf_len, "association aborted");
+				mddSetError(errbuf, errbuf_len, "association aborted");
 				result = MDD_DICOM_NETWORK;
 			}
 		}
@@ -900,7 +881,7 @@ echo(const char *ourAE, const char *peerAE, const char *host, int port, int time
 	OFCondition cond;
 	MddDicomStatus result = MDD_DICOM_NETWORK;
 
-	initialiseOnce();
+	mddInitialiseDcmtk();
 	dcmConnectionTimeout.set(timeout);
 	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net);
 	if (cond.good())
@@ -918,13 +899,13 @@ echo(const char *ourAE, const char *peerAE, const char *host, int port, int time
 	if (cond.bad())
 	{
 		if (cond == DUL_ASSOCIATIONREJECTED)
-			setError(errbuf, errbuf_len, "the peer rejected the association");
+			mddSetError(errbuf, errbuf_len, "the peer rejected the association");
 		else
-			setError(errbuf, errbuf_len, std::string("cannot associate: ") + cond.text());
+			mddSetError(errbuf, errbuf_len, std::string("cannot associate: ") + cond.text());
 	}
 	else if (ASC_countAcceptedPresentationContexts(params) == 0)
 	{
-		setError(errbuf, errbuf_len, "the peer accepts no Verification context");
+		mddSetError(errbuf, errbuf_len, "the peer accepts no Verification context");
 		ASC_abortAssociation(assoc);
 	}
 	else
@@ -941,7 +922,7 @@ echo(const char *ourAE, const char *peerAE, const char *host, int port, int time
 		}
 		else
 		{
-			setError(errbuf, errbuf_len, cond.bad()
+			mddSetError(errbuf, errbuf_len, cond.bad()
 					 ? std::string("C-ECHO failed: ") + cond.text()
 					 : "C-ECHO answered status " + std::to_string(status));
 			ASC_abortAssociation(assoc);
@@ -970,12 +951,12 @@ mdd_dicom_serve(int fd, const MddDicomServerConfig *config,
 	}
 	catch (const std::bad_alloc &)
 	{
-		setError(errbuf, errbuf_len, "out of memory while serving an association");
+		mddSetError(errbuf, errbuf_len, "out of memory while serving an association");
 		return MDD_DICOM_OUT_OF_MEMORY;
 	}
 	catch (...)
 	{
-		setError(errbuf, errbuf_len, "DICOM service failed with an exception");
+		mddSetError(errbuf, errbuf_len, "DICOM service failed with an exception");
 		return MDD_DICOM_INTERNAL;
 	}
 }
@@ -992,7 +973,7 @@ mdd_dicom_echo(const char *our_ae, const char *peer_ae, const char *host, int po
 	}
 	catch (...)
 	{
-		setError(errbuf, errbuf_len, "C-ECHO failed with an exception");
+		mddSetError(errbuf, errbuf_len, "C-ECHO failed with an exception");
 		return MDD_DICOM_INTERNAL;
 	}
 }

@@ -12,6 +12,7 @@
  * caller's bytes are never modified and never kept.
  */
 #include "dicom.h"
+#include "dicom_common.hpp"
 #include "dicom_json.hpp"
 
 #include <dcmtk/config/osconfig.h>
@@ -70,25 +71,6 @@ struct Self
 	std::string frameOfReferenceUid;
 };
 
-void
-setError(char *errbuf, size_t len, const std::string &msg)
-{
-	if (errbuf && len > 0)
-		snprintf(errbuf, len, "%s", msg.c_str());
-}
-
-/* DCMTK keeps quiet in a server: errors come back as statuses */
-void
-initialiseOnce()
-{
-	static bool done = false;
-
-	if (!done)
-	{
-		OFLog::configure(OFLogger::OFF_LOG_LEVEL);
-		done = true;
-	}
-}
 
 /*
  * Give text attributes that arrived with VR UN (from a converter that did
@@ -838,10 +820,10 @@ parse(const unsigned char *data, size_t len, char **json_out,
 	DcmFileFormat ff;
 	OFCondition cond;
 
-	initialiseOnce();
+	mddInitialiseDcmtk();
 	if (!dcmDataDict.isDictionaryLoaded())
 	{
-		setError(errbuf, errbuf_len, "the DICOM data dictionary of DCMTK is not loaded");
+		mddSetError(errbuf, errbuf_len, "the DICOM data dictionary of DCMTK is not loaded");
 		return MDD_DICOM_INTERNAL;
 	}
 
@@ -862,22 +844,22 @@ parse(const unsigned char *data, size_t len, char **json_out,
 	{
 		if (cond == EC_MemoryExhausted)
 		{
-			setError(errbuf, errbuf_len, "out of memory while reading the DICOM object");
+			mddSetError(errbuf, errbuf_len, "out of memory while reading the DICOM object");
 			return MDD_DICOM_OUT_OF_MEMORY;
 		}
 		if (!part10 && (ds == NULL || ds->card() == 0 ||
 						(!ds->tagExists(DCM_SOPClassUID) && !ds->tagExists(DCM_SOPInstanceUID))))
 		{
-			setError(errbuf, errbuf_len, "not a DICOM file or data set");
+			mddSetError(errbuf, errbuf_len, "not a DICOM file or data set");
 			return MDD_DICOM_NOT_DICOM;
 		}
-		setError(errbuf, errbuf_len,
+		mddSetError(errbuf, errbuf_len,
 				 std::string("truncated or malformed DICOM: ") + cond.text());
 		return MDD_DICOM_MALFORMED;
 	}
 	if (ds == NULL || ds->card() == 0)
 	{
-		setError(errbuf, errbuf_len, "not a DICOM file or data set");
+		mddSetError(errbuf, errbuf_len, "not a DICOM file or data set");
 		return MDD_DICOM_NOT_DICOM;
 	}
 
@@ -891,10 +873,10 @@ parse(const unsigned char *data, size_t len, char **json_out,
 		if (!part10 && sopInstance.empty() && sopClass.empty() &&
 			!ds->tagExists(DCM_PatientID) && !ds->tagExists(DCM_StudyInstanceUID))
 		{
-			setError(errbuf, errbuf_len, "not a DICOM file or data set");
+			mddSetError(errbuf, errbuf_len, "not a DICOM file or data set");
 			return MDD_DICOM_NOT_DICOM;
 		}
-		setError(errbuf, errbuf_len, sopInstance.empty()
+		mddSetError(errbuf, errbuf_len, sopInstance.empty()
 				 ? "DICOM object has no SOP Instance UID (0008,0018)"
 				 : "DICOM object has no SOP Class UID (0008,0016)");
 		return MDD_DICOM_MISSING_UID;
@@ -912,7 +894,7 @@ parse(const unsigned char *data, size_t len, char **json_out,
 
 	if (out == NULL)
 	{
-		setError(errbuf, errbuf_len, "out of memory while describing the DICOM object");
+		mddSetError(errbuf, errbuf_len, "out of memory while describing the DICOM object");
 		return MDD_DICOM_OUT_OF_MEMORY;
 	}
 	memcpy(out, json.c_str(), json.size() + 1);
@@ -933,7 +915,7 @@ mdd_dicom_parse(const unsigned char *data, size_t len, char **json_out,
 		errbuf[0] = '\0';
 	if (data == NULL || len == 0)
 	{
-		setError(errbuf, errbuf_len, "empty input");
+		mddSetError(errbuf, errbuf_len, "empty input");
 		return MDD_DICOM_EMPTY;
 	}
 	try
@@ -942,17 +924,17 @@ mdd_dicom_parse(const unsigned char *data, size_t len, char **json_out,
 	}
 	catch (const std::bad_alloc &)
 	{
-		setError(errbuf, errbuf_len, "out of memory while reading the DICOM object");
+		mddSetError(errbuf, errbuf_len, "out of memory while reading the DICOM object");
 		return MDD_DICOM_OUT_OF_MEMORY;
 	}
 	catch (const std::exception &ex)
 	{
-		setError(errbuf, errbuf_len, std::string("DICOM parser failed: ") + ex.what());
+		mddSetError(errbuf, errbuf_len, std::string("DICOM parser failed: ") + ex.what());
 		return MDD_DICOM_INTERNAL;
 	}
 	catch (...)
 	{
-		setError(errbuf, errbuf_len, "DICOM parser failed with an unknown exception");
+		mddSetError(errbuf, errbuf_len, "DICOM parser failed with an unknown exception");
 		return MDD_DICOM_INTERNAL;
 	}
 }
