@@ -341,20 +341,9 @@ Datum
 mdd_list_files_sql(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	char	   *dir;
-	struct stat st;
+	char	   *dir = mdd_checked_directory(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0), false);
 	List	   *files = NIL;
 	ListCell   *lc;
-
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("directory must not be NULL")));
-	dir = mdd_checked_path(text_to_cstring(PG_GETARG_TEXT_PP(0)), false);
-	if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("\"%s\" is not a directory", dir)));
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	walk_directory(dir, &files);

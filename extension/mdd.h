@@ -18,6 +18,7 @@ extern bool mdd_superuser_any_path;
 
 /* paths.c: resolve a path and check it lies under mdd.allowed_paths */
 extern char *mdd_checked_path(const char *path, bool for_write);
+extern char *mdd_checked_directory(text *path, bool writable);
 
 /* file_io.c: whole-file helpers shared by export and the file storage */
 extern bytea *mdd_read_whole_file(const char *path);

@@ -178,30 +178,39 @@ mdd_check_path_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * mdd._check_directory(path text, writable boolean) RETURNS text
- *
- * The resolved form of an allowed directory, refusing what is not a
- * directory and, with writable, what the server cannot write into.
+ * The resolved form of an allowed directory (path may be NULL: an error),
+ * refusing what is not a directory and, with writable, what the server
+ * cannot write into.
  */
-Datum
-mdd_check_directory_sql(PG_FUNCTION_ARGS)
+char *
+mdd_checked_directory(text *path, bool writable)
 {
 	char	   *dir;
 	struct stat st;
 
-	if (PG_ARGISNULL(0))
+	if (path == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("directory must not be NULL")));
-	dir = mdd_checked_path(text_to_cstring(PG_GETARG_TEXT_PP(0)), false);
+	dir = mdd_checked_path(text_to_cstring(path), false);
 	if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("\"%s\" is not a directory", dir)));
-	if (PG_GETARG_BOOL(1) && access(dir, W_OK | X_OK) != 0)
+	if (writable && access(dir, W_OK | X_OK) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("the server cannot write into directory \"%s\"", dir),
 				 errhint("Make it writable by the operating system user that runs PostgreSQL.")));
-	PG_RETURN_TEXT_P(cstring_to_text(dir));
+	return dir;
+}
+
+/*
+ * mdd._check_directory(path text, writable boolean) RETURNS text
+ */
+Datum
+mdd_check_directory_sql(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(mdd_checked_directory(PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0),
+														   PG_GETARG_BOOL(1))));
 }
