@@ -12,14 +12,14 @@ EXTVERSION = 0.1.0
 MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/file_io.o extension/storage_file.o extension/tally.o \
-	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o \
+	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o extension/dicom_scu.o extension/dicom_retrieve.o extension/dicom_service.o \
 	extension/network.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
 	bgworker/listener.o
 
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
-	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/roles.sql
+	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/retrieve.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 
@@ -39,7 +39,7 @@ include $(PGXS)
 # The C++ files of the DCMTK boundary are compiled without PostgreSQL's
 # include directories, so that including a PostgreSQL header there fails.
 MDD_CXXFLAGS = -std=c++17 -O2 -g -fPIC -Wall -Wextra -Werror -fvisibility=hidden
-extension/dicom_%.o: extension/dicom_%.cpp extension/dicom.h extension/dicom_json.hpp extension/dicom_common.hpp extension/dicom_stream.hpp extension/dicom_pdu_check.hpp
+extension/dicom_%.o: extension/dicom_%.cpp extension/dicom.h $(wildcard extension/dicom_*.hpp)
 	$(CXX) $(MDD_CXXFLAGS) -c -o $@ $<
 
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PARTS)

@@ -51,6 +51,14 @@ typedef struct Peer
 	MemoryContext scratch;		/* reset after each callback */
 } Peer;
 
+/* show the association served in pg_stat_activity */
+static void
+report_association(Peer *peer)
+{
+	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
+												   peer->calling_ae, peer->host));
+}
+
 /* run an SQL statement with arguments inside the current transaction */
 static void
 run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls)
@@ -145,8 +153,7 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: refused association from \"%s\" at %s to \"%s\": %s",
 						peer->listener, calling_ae, peer->host, called_ae, reason)));
-	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
-												   calling_ae, peer->host));
+	report_association(peer);
 	return permits;
 }
 
@@ -210,8 +217,7 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(peer->scratch);
-	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
-												   peer->calling_ae, peer->host));
+	report_association(peer);
 	return status;
 }
 
@@ -291,9 +297,182 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(peer->scratch);
-	pgstat_report_activity(STATE_RUNNING, psprintf("DICOM association with %s at %s",
-												   peer->calling_ae, peer->host));
+	report_association(peer);
 	return status;
+}
+
+/*
+ * C-MOVE / C-GET: the objects mdd._dicom_retrieve selects, copied into
+ * malloc()ed memory that the C++ side frees.
+ */
+static unsigned short
+retrieve_callback(void *arg, const char *operation, const char *model, const char *level,
+				  const char *keys_json, const char *destination, MddRetrieveList *list,
+				  char *comment, size_t comment_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile unsigned short status = 0x0000;
+
+	memset(list, 0, sizeof(*list));
+	PG_TRY();
+	{
+		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		values[7];
+		char		nulls[7] = "       ";
+		size_t		total = 0;
+		char	   *p;
+
+		values[0] = CStringGetTextDatum(operation);
+		values[1] = CStringGetTextDatum(model);
+		values[2] = CStringGetTextDatum(level);
+		values[3] = CStringGetTextDatum(keys_json);
+		values[4] = CStringGetTextDatum(destination ? destination : "");
+		if (destination == NULL)
+			nulls[4] = 'n';
+		values[5] = CStringGetTextDatum(peer->calling_ae);
+		values[6] = CStringGetTextDatum(peer->host);
+		begin_work(operation);
+		run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
+				" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
+				7, types, values, nulls);
+
+		for (uint64 i = 0; i < SPI_processed; i++)
+			for (int col = 2; col <= 4; col++)
+			{
+				char	   *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, col);
+
+				total += (v ? strlen(v) : 0) + 1;
+			}
+		list->items = malloc(sizeof(MddRetrieveItem) * Max(SPI_processed, 1));
+		list->strings = malloc(Max(total, 1));
+		if (list->items == NULL || list->strings == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		p = list->strings;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[i];
+			MddRetrieveItem *item = &list->items[list->nitems++];
+			const char **fields[3] = {&item->sop_class_uid, &item->sop_instance_uid,
+			&item->transfer_syntax_uid};
+			bool		isnull;
+
+			item->object_id = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
+			for (int col = 2; col <= 4; col++)
+			{
+				char	   *v = SPI_getvalue(t, SPI_tuptable->tupdesc, col);
+
+				*fields[col - 2] = p;
+				p += strlen(strcpy(p, v ? v : "")) + 1;
+			}
+		}
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		free(list->items);
+		free(list->strings);
+		memset(list, 0, sizeof(*list));
+		status = edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ? 0xA900 : 0xC000;
+		snprintf(comment, comment_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: %s from \"%s\" at %s failed: %s",
+						peer->listener, operation, peer->calling_ae, peer->host,
+						edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	report_association(peer);
+	return status;
+}
+
+/* C-MOVE: where the destination listens (a registered node) */
+static unsigned short
+destination_callback(void *arg, const char *ae_title, char *host, size_t host_len, int *port,
+					 char *comment, size_t comment_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile unsigned short status = 0x0000;
+
+	PG_TRY();
+	{
+		Oid			types[1] = {TEXTOID};
+		Datum		values[1];
+		bool		isnull;
+
+		values[0] = CStringGetTextDatum(ae_title);
+		begin_work("DICOM C-MOVE");
+		run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
+		strlcpy(host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), host_len);
+		*port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		status = edata->sqlerrcode == ERRCODE_UNDEFINED_OBJECT ? 0xA801 : 0xC000;
+		snprintf(comment, comment_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: C-MOVE from \"%s\" at %s refused: %s",
+						peer->listener, peer->calling_ae, peer->host, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	return status;
+}
+
+/* C-MOVE / C-GET: the checked stored bytes of one object, malloc()ed */
+static int
+fetch_callback(void *arg, long long object_id, const char *operation,
+			   unsigned char **data, size_t *len, char *error, size_t error_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+	volatile int ok = 1;
+
+	*data = NULL;
+	*len = 0;
+	PG_TRY();
+	{
+		Oid			types[1] = {INT8OID};
+		Datum		values[1];
+		bool		isnull;
+		bytea	   *bytes;
+
+		values[0] = Int64GetDatum(object_id);
+		begin_work(operation);
+		run_sql("SELECT mdd._dicom_fetch($1)", 1, types, values, NULL);
+		bytes = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		*len = VARSIZE_ANY_EXHDR(bytes);
+		*data = malloc(Max(*len, 1));
+		if (*data == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		memcpy(*data, VARDATA_ANY(bytes), *len);
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		free(*data);
+		*data = NULL;
+		*len = 0;
+		ok = 0;
+		snprintf(error, error_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: %s for \"%s\": cannot read object %lld: %s",
+						peer->listener, operation, peer->calling_ae, object_id, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	return ok;
 }
 
 static int
@@ -372,6 +551,9 @@ serve_connection(int fd, Peer *peer)
 	callbacks.admit = admit_callback;
 	callbacks.store = store_callback;
 	callbacks.find = find_callback;
+	callbacks.retrieve = retrieve_callback;
+	callbacks.destination = destination_callback;
+	callbacks.fetch = fetch_callback;
 	callbacks.should_stop = should_stop_callback;
 	callbacks.wait_readable = wait_readable_callback;
 	callbacks.log = log_callback;
@@ -413,7 +595,11 @@ serve_connection(int fd, Peer *peer)
 		(void) shutdown(fd, SHUT_RDWR);
 	status = mdd_dicom_serve(fd, &config, &callbacks, errbuf, sizeof(errbuf));
 	mdd_connection_fd = -1;
-	if (status != MDD_DICOM_OK)
+	if (status != MDD_DICOM_OK && peer->calling_ae[0] == '\0')
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: connection from %s closed: %s",
+						peer->listener, peer->host, errbuf)));
+	else if (status != MDD_DICOM_OK)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: association from \"%s\" at %s ended: %s",
 						peer->listener, peer->calling_ae, peer->host, errbuf)));

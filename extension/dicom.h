@@ -81,6 +81,23 @@ typedef struct MddFindResult
 	char	   *strings;		/* free(): the text items point into */
 } MddFindResult;
 
+/* one object a C-MOVE or C-GET sends */
+typedef struct MddRetrieveItem
+{
+	long long	object_id;
+	const char *sop_class_uid;
+	const char *sop_instance_uid;
+	const char *transfer_syntax_uid;	/* of the stored bytes */
+} MddRetrieveItem;
+
+/* the objects a C-MOVE or C-GET identifier selects; malloc()ed by the C side */
+typedef struct MddRetrieveList
+{
+	int			nitems;
+	MddRetrieveItem *items;		/* free() */
+	char	   *strings;		/* free(): the text items point into */
+} MddRetrieveList;
+
 typedef struct MddDicomServerConfig
 {
 	const char *ae_title;		/* our AE title; a peer calling another is refused */
@@ -122,6 +139,34 @@ typedef struct MddDicomCallbacks
 	unsigned short (*find) (void *arg, const char *model, const char *level,
 							const char *keys_json, MddFindResult *result,
 							char *comment, size_t comment_len);
+
+	/*
+	 * Select the objects of a C-MOVE or C-GET identifier (same arguments
+	 * as find; operation is "C-MOVE" or "C-GET", destination the move
+	 * destination's AE title or NULL).  Returns 0 with *list filled, or the
+	 * DIMSE failure status with a comment.
+	 */
+	unsigned short (*retrieve) (void *arg, const char *operation, const char *model,
+								const char *level, const char *keys_json,
+								const char *destination, MddRetrieveList *list,
+								char *comment, size_t comment_len);
+
+	/*
+	 * Where a C-MOVE destination listens: 0 with host and port filled, or
+	 * the DIMSE failure status (0xA801 for an AE that is no known node).
+	 */
+	unsigned short (*destination) (void *arg, const char *ae_title, char *host,
+								   size_t host_len, int *port,
+								   char *comment, size_t comment_len);
+
+	/*
+	 * The stored bytes of one object, checked against its checksum, into
+	 * *data (malloc()ed; the caller frees it).  Returns true on success,
+	 * false with a reason in error.
+	 */
+	int			(*fetch) (void *arg, long long object_id, const char *operation,
+						  unsigned char **data, size_t *len,
+						  char *error, size_t error_len);
 
 	/* true when the service must stop (SIGTERM, postmaster death) */
 	int			(*should_stop) (void *arg);

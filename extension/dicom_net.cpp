@@ -1,8 +1,9 @@
 /*
  * dicom_net.cpp
  *	  The DICOM network side of mdd with DCMTK's dcmnet: serving one
- *	  association on a connection a listener worker accepted (C-ECHO,
- *	  C-STORE), and C-ECHO as SCU (mdd_dicom_serve, mdd_dicom_echo of dicom.h).
+ *	  association on a connection a listener worker accepted
+ *	  (mdd_dicom_serve of dicom.h): negotiation, C-ECHO, C-STORE, C-FIND,
+ *	  and the dispatch of C-MOVE and C-GET to dicom_retrieve.cpp.
  *
  * Received data sets are never parsed and re-encoded here: their bytes are
  * taken as they arrive and wrapped in a Part 10 file meta header, so the
@@ -15,6 +16,8 @@
 #include "dicom_common.hpp"
 #include "dicom_pdu_check.hpp"
 #include "dicom_json.hpp"
+#include "dicom_scu.hpp"
+#include "dicom_service.hpp"
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
@@ -71,13 +74,6 @@ const char *acceptedTransferSyntaxes[] = {
 };
 const int numberOfAcceptedTransferSyntaxes =
 	sizeof(acceptedTransferSyntaxes) / sizeof(acceptedTransferSyntaxes[0]);
-
-/* uncompressed syntaxes only, for Verification */
-const char *uncompressedTransferSyntaxes[] = {
-	UID_LittleEndianExplicitTransferSyntax,
-	UID_BigEndianExplicitTransferSyntax,
-	UID_LittleEndianImplicitTransferSyntax,
-};
 
 
 /* a DcmConsumer that keeps everything written to it in memory */
@@ -198,35 +194,23 @@ trimAE(const char *ae)
 	return start == std::string::npos ? "" : s.substr(start);
 }
 
-/* one association being served, with what the C side granted it */
+/* the DIMSE loop of one association being served */
 class Association
 {
 public:
-	Association(T_ASC_Association *assoc, int fd, const MddDicomServerConfig *config,
-				const MddDicomCallbacks *cb, int permits, const std::string &callingAE)
-		: assoc_(assoc), fd_(fd), config_(config), cb_(cb), permits_(permits),
-		  callingAE_(callingAE), stored_(0), failed_(0) {}
+	Association(const MddServedAssociation &sa) : sa_(sa), stored_(0), failed_(0) {}
 
 	/* the DIMSE loop; returns false when the association was aborted */
 	bool serve();
 
 private:
-	void log(int level, const std::string &msg)
-	{
-		if (cb_->log)
-			cb_->log(cb_->arg, level, msg.c_str());
-	}
+	void log(int level, const std::string &msg) { sa_.log(level, msg); }
 	bool handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req);
 	bool handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req);
 	bool sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
 						unsigned short status, const char *comment);
 
-	T_ASC_Association *assoc_;
-	int			fd_;
-	const MddDicomServerConfig *config_;
-	const MddDicomCallbacks *cb_;
-	int			permits_;
-	std::string callingAE_;
+	MddServedAssociation sa_;
 	int			stored_;
 	int			failed_;
 };
@@ -242,12 +226,12 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 	char		comment[256] = "";
 	OFCondition cond;
 
-	cond = DIMSE_receiveDataSetInFile(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+	cond = DIMSE_receiveDataSetInFile(sa_.assoc, DIMSE_BLOCKING, sa_.config->dimse_timeout,
 									  &dataPresID, &stream, NULL, NULL);
 	if (cond.bad())
 	{
 		log(MDD_LOG_WARNING, std::string("C-STORE of ") + req.AffectedSOPInstanceUID +
-			" from " + callingAE_ + " broke off while receiving the data set: " +
+			" from " + sa_.callingAE + " broke off while receiving the data set: " +
 			cond.text() + "; nothing was stored");
 		return false;
 	}
@@ -261,14 +245,14 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 						sizeof(rsp.AffectedSOPInstanceUID));
 	rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
 
-	if (!(permits_ & MDD_PERMIT_STORE))
+	if (!(sa_.permits & MDD_PERMIT_STORE))
 	{
 		rsp.DimseStatus = 0x0124;	/* Refused: Not Authorized */
 		snprintf(comment, sizeof(comment), "%s may not store to this archive",
-				 callingAE_.c_str());
+				 sa_.callingAE.c_str());
 	}
 	else if (dataPresID != presID ||
-			 ASC_findAcceptedPresentationContext(assoc_->params, dataPresID, &pc).bad())
+			 ASC_findAcceptedPresentationContext(sa_.assoc->params, dataPresID, &pc).bad())
 	{
 		rsp.DimseStatus = STATUS_STORE_Error_CannotUnderstand;
 		snprintf(comment, sizeof(comment), "data set on another presentation context");
@@ -277,11 +261,11 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 	{
 		std::vector<unsigned char> file =
 			part10File(stream.bytes(), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
-					   pc.acceptedTransferSyntax, callingAE_);
+					   pc.acceptedTransferSyntax, sa_.callingAE);
 
 		stream.bytes().clear();
 		stream.bytes().shrink_to_fit();
-		rsp.DimseStatus = cb_->store(cb_->arg, file.data(), file.size(),
+		rsp.DimseStatus = sa_.cb->store(sa_.cb->arg, file.data(), file.size(),
 									 req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
 									 comment, sizeof(comment));
 	}
@@ -292,19 +276,13 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 	{
 		failed_++;
 		if (comment[0])
-		{
-			std::string c(comment);
-
-			if (c.size() > 64)	/* Error Comment is LO */
-				c.resize(64);
-			detail.putAndInsertString(DCM_ErrorComment, c.c_str());
-		}
+			mddPutErrorComment(detail, comment);
 	}
-	cond = DIMSE_sendStoreResponse(assoc_, presID, &req, &rsp,
+	cond = DIMSE_sendStoreResponse(sa_.assoc, presID, &req, &rsp,
 								   rsp.DimseStatus == STATUS_Success ? NULL : &detail);
 	if (cond.bad())
 	{
-		log(MDD_LOG_WARNING, std::string("could not answer C-STORE to ") + callingAE_ +
+		log(MDD_LOG_WARNING, std::string("could not answer C-STORE to ") + sa_.callingAE +
 			": " + cond.text());
 		return false;
 	}
@@ -327,14 +305,8 @@ Association::sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ
 						sizeof(rsp.AffectedSOPClassUID));
 	rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
 	if (comment && comment[0])
-	{
-		std::string c(comment);
-
-		if (c.size() > 64)
-			c.resize(64);
-		detail.putAndInsertString(DCM_ErrorComment, c.c_str());
-	}
-	return DIMSE_sendFindResponse(assoc_, presID, &req, &rsp, NULL,
+		mddPutErrorComment(detail, comment);
+	return DIMSE_sendFindResponse(sa_.assoc, presID, &req, &rsp, NULL,
 								  comment && comment[0] ? &detail : NULL).good();
 }
 
@@ -349,18 +321,17 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 	T_ASC_PresentationContextID dataPresID = presID;
 	OFCondition cond;
 	std::string model;
-	MddJsonWriter keys;
 	std::vector<DcmTagKey> asked;
 	OFString	level;
 	MddFindResult result;
 	char		comment[256] = "";
 	unsigned short status;
 
-	cond = DIMSE_receiveDataSetInMemory(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+	cond = DIMSE_receiveDataSetInMemory(sa_.assoc, DIMSE_BLOCKING, sa_.config->dimse_timeout,
 										&dataPresID, &ids, NULL, NULL);
 	if (cond.bad() || ids == NULL)
 	{
-		log(MDD_LOG_WARNING, "C-FIND from " + callingAE_ + ": no identifier: " + cond.text());
+		log(MDD_LOG_WARNING, "C-FIND from " + sa_.callingAE + ": no identifier: " + cond.text());
 		delete ids;
 		return false;
 	}
@@ -372,32 +343,14 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 		model = "STUDY";
 	else
 		return sendFindStatus(presID, req, 0xA900, "unsupported information model");
-	if (!(permits_ & MDD_PERMIT_QUERY))
+	if (!(sa_.permits & MDD_PERMIT_QUERY))
 		return sendFindStatus(presID, req, 0x0124,
-							  (callingAE_ + " may not query this archive").c_str());
+							  (sa_.callingAE + " may not query this archive").c_str());
 
-	(void) ids->convertToUTF8();
-	ids->findAndGetOFString(DCM_QueryRetrieveLevel, level);
-
-	keys.beginObject();
-	for (unsigned long i = 0; i < ids->card(); i++)
-	{
-		DcmElement *e = ids->getElement(i);
-		DcmTag		tag(e->getTag());
-		OFString	value;
-
-		if (tag.getElement() == 0x0000 || tag == DCM_QueryRetrieveLevel ||
-			tag == DCM_SpecificCharacterSet || tag.getEVR() == EVR_SQ || tag.isPrivate())
-			continue;
-		asked.push_back(tag.getXTag());
-		e->getOFStringArray(value, OFTrue);
-		keys.key(tag.getTagName());
-		keys.string(std::string(value.c_str(), value.length()));
-	}
-	keys.endObject();
+	std::string keys = mddIdentifierKeys(ids, &asked, &level);
 
 	memset(&result, 0, sizeof(result));
-	status = cb_->find(cb_->arg, model.c_str(), level.c_str(), keys.text().c_str(),
+	status = sa_.cb->find(sa_.cb->arg, model.c_str(), level.c_str(), keys.c_str(),
 					   &result, comment, sizeof(comment));
 	if (status != STATUS_Success)
 		return sendFindStatus(presID, req, status, comment);
@@ -411,7 +364,7 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 		DcmDataset	match;
 		T_DIMSE_C_FindRSP rsp;
 
-		if (DIMSE_checkForCancelRQ(assoc_, presID, req.MessageID).good())
+		if (DIMSE_checkForCancelRQ(sa_.assoc, presID, req.MessageID).good())
 		{
 			cancelled = true;
 			break;
@@ -435,7 +388,7 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 		OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
 							sizeof(rsp.AffectedSOPClassUID));
 		rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
-		ok = DIMSE_sendFindResponse(assoc_, presID, &req, &rsp, &match, NULL).good();
+		ok = DIMSE_sendFindResponse(sa_.assoc, presID, &req, &rsp, &match, NULL).good();
 	}
 	free(result.items);
 	free(result.strings);
@@ -458,10 +411,10 @@ Association::serve()
 		DcmDataset *statusDetail = NULL;
 		OFCondition cond;
 
-		if (cb_->should_stop(cb_->arg))
+		if (sa_.cb->should_stop(sa_.cb->arg))
 		{
-			log(MDD_LOG_INFO, "aborting association with " + callingAE_ + ": server shutting down");
-			ASC_abortAssociation(assoc_);
+			log(MDD_LOG_INFO, "aborting association with " + sa_.callingAE + ": server shutting down");
+			ASC_abortAssociation(sa_.assoc);
 			return false;
 		}
 
@@ -469,22 +422,22 @@ Association::serve()
 		 * Wait for the next command where a stop request wakes us at once:
 		 * on the socket, unless DCMTK already holds data read ahead.
 		 */
-		if (!ASC_dataWaiting(assoc_, 0) && !cb_->wait_readable(cb_->arg, fd_, 1000))
+		if (!mddWaitForMessage(sa_.assoc, sa_.fd, 1, sa_.cb))
 			cond = DIMSE_NODATAAVAILABLE;
 		else
 		{
-			cond = DIMSE_receiveCommand(assoc_, DIMSE_BLOCKING, config_->dimse_timeout,
+			cond = DIMSE_receiveCommand(sa_.assoc, DIMSE_BLOCKING, sa_.config->dimse_timeout,
 										&presID, &msg, &statusDetail);
 			delete statusDetail;
 		}
 
 		if (cond == DIMSE_NODATAAVAILABLE)
 		{
-			if (time(NULL) - lastActivity >= config_->dimse_timeout)
+			if (time(NULL) - lastActivity >= sa_.config->dimse_timeout)
 			{
-				log(MDD_LOG_INFO, "aborting association with " + callingAE_ +
+				log(MDD_LOG_INFO, "aborting association with " + sa_.callingAE +
 					": idle for longer than the DIMSE timeout");
-				ASC_abortAssociation(assoc_);
+				ASC_abortAssociation(sa_.assoc);
 				return false;
 			}
 			continue;
@@ -492,58 +445,76 @@ Association::serve()
 		lastActivity = time(NULL);
 		if (cond == DUL_PEERREQUESTEDRELEASE)
 		{
-			ASC_acknowledgeRelease(assoc_);
-			log(MDD_LOG_DEBUG, "association with " + callingAE_ + " released: " +
+			ASC_acknowledgeRelease(sa_.assoc);
+			log(MDD_LOG_DEBUG, "association with " + sa_.callingAE + " released: " +
 				std::to_string(stored_) + " stored, " + std::to_string(failed_) + " failed");
 			return true;
 		}
 		if (cond == DUL_PEERABORTEDASSOCIATION)
 		{
-			log(MDD_LOG_INFO, "association with " + callingAE_ + " aborted by the peer");
+			log(MDD_LOG_INFO, "association with " + sa_.callingAE + " aborted by the peer");
 			return false;
 		}
 		if (cond.bad())
 		{
-			log(MDD_LOG_WARNING, "association with " + callingAE_ + " failed: " + cond.text());
-			ASC_abortAssociation(assoc_);
+			log(MDD_LOG_WARNING, "association with " + sa_.callingAE + " failed: " + cond.text());
+			ASC_abortAssociation(sa_.assoc);
 			return false;
 		}
 
 		switch (msg.CommandField)
 		{
 			case DIMSE_C_ECHO_RQ:
-				cond = DIMSE_sendEchoResponse(assoc_, presID, &msg.msg.CEchoRQ,
+				cond = DIMSE_sendEchoResponse(sa_.assoc, presID, &msg.msg.CEchoRQ,
 											  STATUS_Success, NULL);
 				break;
 			case DIMSE_C_FIND_RQ:
 				if (!handleFind(presID, msg.msg.CFindRQ))
 				{
-					ASC_abortAssociation(assoc_);
+					ASC_abortAssociation(sa_.assoc);
 					return false;
 				}
 				break;
 			case DIMSE_C_STORE_RQ:
 				if (!handleStore(presID, msg.msg.CStoreRQ))
 				{
-					ASC_abortAssociation(assoc_);
+					ASC_abortAssociation(sa_.assoc);
+					return false;
+				}
+				break;
+			case DIMSE_C_MOVE_RQ:
+				if (!mddHandleMove(sa_, presID, msg.msg.CMoveRQ))
+				{
+					ASC_abortAssociation(sa_.assoc);
+					return false;
+				}
+				break;
+			case DIMSE_C_GET_RQ:
+				if (!mddHandleGet(sa_, presID, msg.msg.CGetRQ))
+				{
+					ASC_abortAssociation(sa_.assoc);
 					return false;
 				}
 				break;
 			default:
-				log(MDD_LOG_WARNING, "aborting association with " + callingAE_ +
+				log(MDD_LOG_WARNING, "aborting association with " + sa_.callingAE +
 					": unsupported DIMSE command " + std::to_string(msg.CommandField));
-				ASC_abortAssociation(assoc_);
+				ASC_abortAssociation(sa_.assoc);
 				return false;
 		}
 		if (cond.bad())
 		{
-			ASC_abortAssociation(assoc_);
+			ASC_abortAssociation(sa_.assoc);
 			return false;
 		}
 	}
 }
 
-/* accept the presentation contexts we serve; refuse the rest */
+/*
+ * Accept the presentation contexts we serve; refuse the rest.  Storage
+ * contexts are accepted in the role the peer proposes: a C-GET requestor
+ * takes the SCP role to receive what it asked for.
+ */
 OFCondition
 acceptContexts(T_ASC_Parameters *params)
 {
@@ -551,15 +522,40 @@ acceptContexts(T_ASC_Parameters *params)
 		UID_VerificationSOPClass,
 		UID_FINDPatientRootQueryRetrieveInformationModel,
 		UID_FINDStudyRootQueryRetrieveInformationModel,
+		UID_MOVEPatientRootQueryRetrieveInformationModel,
+		UID_MOVEStudyRootQueryRetrieveInformationModel,
+		UID_GETPatientRootQueryRetrieveInformationModel,
+		UID_GETStudyRootQueryRetrieveInformationModel,
 	};
 	OFCondition cond;
+	int			n = ASC_countPresentationContexts(params);
 
 	cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
-		params, uncompressedServices, 3, uncompressedTransferSyntaxes, 3);
-	if (cond.good())
-		cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
-			params, dcmAllStorageSOPClassUIDs, numberOfDcmAllStorageSOPClassUIDs,
-			acceptedTransferSyntaxes, numberOfAcceptedTransferSyntaxes);
+		params, uncompressedServices, 7, const_cast<const char **>(mddUncompressedTransferSyntaxes), 3);
+	for (int i = 0; i < n && cond.good(); i++)
+	{
+		T_ASC_PresentationContext pc;
+
+		cond = ASC_getPresentationContext(params, i, &pc);
+		if (cond.bad() || !dcmIsaStorageSOPClassUID(pc.abstractSyntax))
+			continue;
+		/* our preference decides among the syntaxes proposed */
+		for (int k = 0; k < numberOfAcceptedTransferSyntaxes; k++)
+		{
+			bool		proposed = false;
+
+			for (int j = 0; j < pc.transferSyntaxCount; j++)
+				proposed = proposed || strcmp(pc.proposedTransferSyntaxes[j],
+											  acceptedTransferSyntaxes[k]) == 0;
+			if (proposed)
+			{
+				cond = ASC_acceptPresentationContext(params, pc.presentationContextID,
+													 acceptedTransferSyntaxes[k],
+													 pc.proposedRole);
+				break;
+			}
+		}
+	}
 	return cond;
 }
 
@@ -597,10 +593,14 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	cond = ASC_receiveAssociation(net, &assoc, config->max_pdu, NULL, NULL, OFTrue,
 								  DUL_NOBLOCK, config->acse_timeout);
 	dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+	if (cond.good() && mddCheckedConnectionFailed(DUL_getTransportConnection(assoc->DULassociation)))
+		cond = DUL_ILLEGALPDU;
 	if (cond.bad())
 	{
 		mddSetError(errbuf, errbuf_len, std::string("association request failed: ") + cond.text());
 		result = MDD_DICOM_NETWORK;
+		if (assoc)
+			ASC_dropAssociation(assoc);
 	}
 	else
 	{
@@ -651,7 +651,8 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 		}
 		else
 		{
-			Association a(assoc, fd, config, cb, permits, calling);
+			MddServedAssociation sa = {assoc, fd, config, cb, permits, calling};
+			Association a(sa);
 
 			if (!a.serve())
 			{
@@ -665,73 +666,6 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	if (assoc)
 		ASC_destroyAssociation(&assoc);
 	ASC_dropNetwork(&net);
-	return result;
-}
-
-MddDicomStatus
-echo(const char *ourAE, const char *peerAE, const char *host, int port, int timeout,
-	 char *errbuf, size_t errbuf_len)
-{
-	T_ASC_Network *net = NULL;
-	T_ASC_Parameters *params = NULL;
-	T_ASC_Association *assoc = NULL;
-	char		address[300];
-	OFCondition cond;
-	MddDicomStatus result = MDD_DICOM_NETWORK;
-
-	mddInitialiseDcmtk();
-	dcmConnectionTimeout.set(timeout);
-	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net);
-	if (cond.good())
-		cond = ASC_createAssociationParameters(&params, ASC_DEFAULTMAXPDU);
-	if (cond.good())
-	{
-		snprintf(address, sizeof(address), "%s:%d", host, port);
-		ASC_setAPTitles(params, ourAE, peerAE, NULL);
-		ASC_setPresentationAddresses(params, OFStandard::getHostName().c_str(), address);
-		cond = ASC_addPresentationContext(params, 1, UID_VerificationSOPClass,
-										  uncompressedTransferSyntaxes, 3);
-	}
-	if (cond.good())
-		cond = ASC_requestAssociation(net, params, &assoc);
-	if (cond.bad())
-	{
-		if (cond == DUL_ASSOCIATIONREJECTED)
-			mddSetError(errbuf, errbuf_len, "the peer rejected the association");
-		else
-			mddSetError(errbuf, errbuf_len, std::string("cannot associate: ") + cond.text());
-	}
-	else if (ASC_countAcceptedPresentationContexts(params) == 0)
-	{
-		mddSetError(errbuf, errbuf_len, "the peer accepts no Verification context");
-		ASC_abortAssociation(assoc);
-	}
-	else
-	{
-		DIC_US		status = 0;
-		DcmDataset *detail = NULL;
-
-		cond = DIMSE_echoUser(assoc, 1, DIMSE_BLOCKING, timeout, &status, &detail);
-		delete detail;
-		if (cond.good() && status == STATUS_Success)
-		{
-			result = MDD_DICOM_OK;
-			ASC_releaseAssociation(assoc);
-		}
-		else
-		{
-			mddSetError(errbuf, errbuf_len, cond.bad()
-					 ? std::string("C-ECHO failed: ") + cond.text()
-					 : "C-ECHO answered status " + std::to_string(status));
-			ASC_abortAssociation(assoc);
-		}
-	}
-	if (assoc)
-		ASC_destroyAssociation(&assoc);
-	else if (params)
-		ASC_destroyAssociationParameters(&params);
-	if (net)
-		ASC_dropNetwork(&net);
 	return result;
 }
 
@@ -755,23 +689,6 @@ mdd_dicom_serve(int fd, const MddDicomServerConfig *config,
 	catch (...)
 	{
 		mddSetError(errbuf, errbuf_len, "DICOM service failed with an exception");
-		return MDD_DICOM_INTERNAL;
-	}
-}
-
-extern "C" MddDicomStatus
-mdd_dicom_echo(const char *our_ae, const char *peer_ae, const char *host, int port,
-			   int timeout, char *errbuf, size_t errbuf_len)
-{
-	if (errbuf && errbuf_len > 0)
-		errbuf[0] = '\0';
-	try
-	{
-		return echo(our_ae, peer_ae, host, port, timeout, errbuf, errbuf_len);
-	}
-	catch (...)
-	{
-		mddSetError(errbuf, errbuf_len, "C-ECHO failed with an exception");
 		return MDD_DICOM_INTERNAL;
 	}
 }

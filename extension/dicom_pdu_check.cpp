@@ -26,14 +26,16 @@ namespace
  * items and sub-items of an association request).  DCMTK 3.6.7 trusts
  * these lengths and reads past its buffers on inconsistent ones, which in
  * a PostgreSQL backend would restart the whole server.  A PDU that fails
- * the check ends the connection as a read error.
+ * the check is answered with an A-ABORT from the service provider saying
+ * why (unrecognized PDU, or invalid PDU parameter), and ends the
+ * connection as a read error.
  */
 class CheckedConnection : public DcmTCPConnection
 {
 public:
 	CheckedConnection(DcmNativeSocketType socket, size_t maxPdu, int pduTimeout)
 		: DcmTCPConnection(socket), maxPdu_(maxPdu), pduTimeout_(pduTimeout), pos_(0),
-		  failed_(false), deadline_(0) {}
+		  failed_(false), deadline_(0), abortReason_(-1) {}
 
 	ssize_t read(void *buf, size_t nbyte) override
 	{
@@ -44,6 +46,8 @@ public:
 			if (failed_ || !fetch())
 			{
 				/* to DCMTK, a malformed PDU looks like the peer hanging up */
+				if (!failed_ && abortReason_ >= 0)
+					sendAbort();
 				failed_ = true;
 				return 0;
 			}
@@ -54,6 +58,9 @@ public:
 		pos_ += n;
 		return static_cast<ssize_t>(n);
 	}
+
+	/* true once a PDU failed the checks or the connection broke */
+	bool failed() const { return failed_; }
 
 	OFBool networkDataAvailable(int timeout) override
 	{
@@ -68,6 +75,21 @@ private:
 		return (static_cast<unsigned long>(p[0]) << 24) | (p[1] << 16) | (p[2] << 8) | p[3];
 	}
 	static unsigned be16(const unsigned char *p) { return (p[0] << 8) | p[1]; }
+
+	/* refuse the PDU just read: an A-ABORT from the service provider */
+	bool refuse(int reason)
+	{
+		abortReason_ = reason;
+		return false;
+	}
+
+	void sendAbort()
+	{
+		unsigned char abort[10] = {0x07, 0, 0, 0, 0, 4, 0, 0, 2,
+		static_cast<unsigned char>(abortReason_)};
+
+		(void) DcmTCPConnection::write(abort, sizeof(abort));
+	}
 
 	/*
 	 * Read n bytes.  Once a PDU has begun, all of it must arrive within the
@@ -150,10 +172,10 @@ private:
 				sizeOk = len >= 6 && len <= maxPdu_;
 				break;
 			default:
-				sizeOk = false;
+				return refuse(1);	/* unrecognized PDU */
 		}
 		if (!sizeOk)
-			return false;
+			return refuse(6);	/* invalid PDU parameter value */
 
 		pdu_.resize(6 + len);
 		memcpy(pdu_.data(), header, 6);
@@ -175,11 +197,11 @@ private:
 			while (off < pdu_.size())
 			{
 				if (pdu_.size() - off < 4)
-					return false;
+					return refuse(6);
 				unsigned long ilen = be32(b + off);
 
 				if (ilen < 2 || ilen > pdu_.size() - off - 4)
-					return false;
+					return refuse(6);
 				split.push_back(0x04);
 				split.push_back(0x00);
 				for (int i = 3; i >= 0; i--)
@@ -190,8 +212,8 @@ private:
 			pdu_.swap(split);
 			return true;
 		}
-		if (type == 0x01 || type == 0x02)
-			return itemsFit(b, 6 + 68, pdu_.size(), true);
+		if ((type == 0x01 || type == 0x02) && !itemsFit(b, 6 + 68, pdu_.size(), true))
+			return refuse(6);
 		return true;
 	}
 
@@ -201,6 +223,7 @@ private:
 	size_t		pos_;
 	bool		failed_;
 	time_t		deadline_;
+	int			abortReason_;	/* A-ABORT reason for a refused PDU, or -1 */
 };
 
 /* the transport layer that gives DCMTK CheckedConnections */
@@ -225,4 +248,12 @@ DcmTransportLayer *
 mddNewCheckedLayer(size_t max_pdu, int pdu_timeout)
 {
 	return new CheckedLayer(max_pdu, pdu_timeout);
+}
+
+bool
+mddCheckedConnectionFailed(DcmTransportConnection *connection)
+{
+	CheckedConnection *c = dynamic_cast<CheckedConnection *>(connection);
+
+	return c != NULL && c->failed();
 }

@@ -9,6 +9,7 @@
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmnet/dcmlayer.h>
+#include <dcmtk/dcmnet/dcmtrans.h>
 
 #include <cstddef>
 
@@ -18,5 +19,11 @@
  * within pdu_timeout seconds of its first byte.
  */
 DcmTransportLayer *mddNewCheckedLayer(size_t max_pdu, int pdu_timeout);
+
+/*
+ * True when connection is one of that layer's and a PDU failed its checks
+ * or the peer went away: what DCMTK read from it is not to be trusted.
+ */
+bool		mddCheckedConnectionFailed(DcmTransportConnection *connection);
 
 #endif

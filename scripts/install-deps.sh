@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
 	build-essential g++ pkg-config
 	postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
-	libdcmtk-dev dcmtk
+	libdcmtk-dev dcmtk orthanc orthanc-postgresql curl
 	python3-pydicom python3-numpy python3-psycopg2
 	clang libclang-rt-14-dev
 )

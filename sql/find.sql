@@ -122,23 +122,25 @@ AS $$
 	END
 $$;
 
--- mdd._dicom_find(model, level, keys): the C-FIND matches as a JSON array of
--- objects keyword -> value, for the keys asked (and the level's unique key).
--- model: 'PATIENT' (Patient Root) or 'STUDY' (Study Root).
-CREATE FUNCTION mdd._dicom_find(model text, level text, keys jsonb) RETURNS jsonb
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The query of a C-FIND, C-MOVE or C-GET identifier: its level (0 PATIENT
+-- to 3 IMAGE), the FROM and WHERE clauses over mdd.patient p, mdd.study st,
+-- mdd.series se and mdd.object o down to that level, and the answer columns
+-- for the keys asked (and the level's unique key) as "'Keyword', expr".
+-- model: 'PATIENT' (Patient Root) or 'STUDY' (Study Root).  With objects,
+-- the joins go down to mdd.object o whatever the level.
+CREATE FUNCTION mdd._match_query(model text, level text, keys jsonb, objects boolean,
+								 OUT lvl int, OUT from_where text, OUT outputs text[])
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	lvl int := array_position(ARRAY['PATIENT', 'STUDY', 'SERIES', 'IMAGE'], level) - 1;
 	conditions text[] := '{}';
-	outputs text[] := '{}';
 	k text;
 	v text;
 	a record;
 	c text;
-	sql text;
-	result jsonb;
 BEGIN
+	lvl := array_position(ARRAY['PATIENT', 'STUDY', 'SERIES', 'IMAGE'], level) - 1;
+	outputs := '{}';
 	IF lvl IS NULL THEN
 		RAISE EXCEPTION 'unknown query/retrieve level "%"', coalesce(level, '')
 			USING ERRCODE = '22023', HINT = 'Use PATIENT, STUDY, SERIES or IMAGE.';
@@ -164,28 +166,41 @@ BEGIN
 		outputs := outputs || format('%L, %s', k, mdd._find_output(a.expr, a.vr));
 	END IF;
 
-	sql := format('SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(%s)) ORDER BY %s), ''[]'')'
-				  ' FROM mdd.patient p',
-				  array_to_string(outputs, ', '),
-				  (ARRAY['p.id', 'st.id', 'se.id', 'o.id'])[lvl + 1]);
-	IF lvl >= 1 THEN
-		sql := sql || ' JOIN mdd.study st ON st.patient = p.id';
+	from_where := 'FROM mdd.patient p';
+	IF lvl >= 1 OR objects THEN
+		from_where := from_where || ' JOIN mdd.study st ON st.patient = p.id';
 	END IF;
-	IF lvl >= 2 THEN
-		sql := sql || ' JOIN mdd.series se ON se.study = st.id';
+	IF lvl >= 2 OR objects THEN
+		from_where := from_where || ' JOIN mdd.series se ON se.study = st.id';
 	END IF;
-	IF lvl >= 3 THEN
-		sql := sql || ' JOIN mdd.object o ON o.series = se.id';
+	IF lvl >= 3 OR objects THEN
+		from_where := from_where || ' JOIN mdd.object o ON o.series = se.id';
 	END IF;
 	IF lvl = 0 THEN
-		sql := sql || ' WHERE EXISTS (SELECT 1 FROM mdd.study x WHERE x.patient = p.id)';
+		from_where := from_where || ' WHERE EXISTS (SELECT 1 FROM mdd.study x WHERE x.patient = p.id)';
 	ELSE
-		sql := sql || ' WHERE true';
+		from_where := from_where || ' WHERE true';
 	END IF;
 	IF array_length(conditions, 1) > 0 THEN
-		sql := sql || ' AND ' || array_to_string(conditions, ' AND ');
+		from_where := from_where || ' AND ' || array_to_string(conditions, ' AND ');
 	END IF;
-	EXECUTE sql INTO result;
+END;
+$$;
+
+-- mdd._dicom_find(model, level, keys): the C-FIND matches as a JSON array of
+-- objects keyword -> value, for the keys asked (and the level's unique key).
+CREATE FUNCTION mdd._dicom_find(model text, level text, keys jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	q record := mdd._match_query(model, level, keys, false);
+	result jsonb;
+BEGIN
+	EXECUTE format('SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(%s)) ORDER BY %s), ''[]'') %s',
+				   array_to_string(q.outputs, ', '),
+				   (ARRAY['p.id', 'st.id', 'se.id', 'o.id'])[q.lvl + 1],
+				   q.from_where)
+	INTO result;
 	RETURN result;
 END;
 $$;

@@ -1,0 +1,91 @@
+/*
+ * dicom_scu.hpp
+ *	  mdd as a DICOM service user: associations it requests, and C-STORE
+ *	  of stored objects with their bytes sent exactly as kept.
+ *
+ * C++ only; includes no PostgreSQL header.
+ */
+#ifndef MDD_DICOM_SCU_HPP
+#define MDD_DICOM_SCU_HPP
+
+#include "dicom.h"
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmnet/assoc.h>
+#include <dcmtk/dcmnet/dimse.h>
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+/* a presentation context to propose */
+struct MddProposedContext
+{
+	std::string abstractSyntax;
+	std::vector<std::string> transferSyntaxes;
+};
+
+/* an association mdd requested; aborted on destruction unless released */
+class MddScuAssociation
+{
+public:
+	MddScuAssociation() : net_(NULL), params_(NULL), assoc_(NULL) {}
+	~MddScuAssociation();
+	MddScuAssociation(const MddScuAssociation &) = delete;
+	MddScuAssociation &operator=(const MddScuAssociation &) = delete;
+
+	/* request an association; false with a reason in error */
+	bool		open(const std::string &ourAE, const std::string &peerAE,
+					 const std::string &host, int port, int timeout,
+					 const std::vector<MddProposedContext> &contexts, std::string &error);
+	void		release();
+	void		abort();
+
+	T_ASC_Association *get() const { return assoc_; }
+
+private:
+	T_ASC_Network *net_;
+	T_ASC_Parameters *params_;
+	T_ASC_Association *assoc_;
+};
+
+/* the transfer syntaxes a receiver of uncompressed data always understands */
+extern const char *const mddUncompressedTransferSyntaxes[3];
+bool		mddIsUncompressed(const std::string &transferSyntax);
+
+/* one stored object to send by C-STORE */
+struct MddStoreRequest
+{
+	const unsigned char *data;	/* as stored: Part 10 file or bare data set */
+	size_t		len;
+	std::string sopClass;
+	std::string sopInstance;
+	std::string transferSyntax; /* of the stored data set */
+	DIC_US		messageID;
+	std::string moveOriginatorAE;	/* empty unless a C-MOVE sub-operation */
+	DIC_US		moveOriginatorID;
+};
+
+enum MddStoreOutcome
+{
+	MDD_STORE_ANSWERED,			/* the receiver answered; status says how */
+	MDD_STORE_NOT_SENDABLE,		/* no context fits, or the data cannot be read */
+	MDD_STORE_BROKEN			/* the association failed; stop using it */
+};
+
+/*
+ * Send one object by C-STORE on assoc (whose socket is fd, or -1 when not
+ * known) and wait for the
+ * answer.  On a context whose accepted transfer syntax is the stored one
+ * the data set bytes go out exactly as stored; an uncompressed object is
+ * converted to another uncompressed syntax when only that was accepted.
+ * asGetProvider: the association is a C-GET served by mdd, so only
+ * contexts where the peer took the storage SCP role are used.  A C-CANCEL
+ * for cancelMessageID that arrives meanwhile sets *cancelled.
+ */
+MddStoreOutcome mddSendStored(T_ASC_Association *assoc, int fd, bool asGetProvider,
+							  const MddStoreRequest &req, int timeout,
+							  const MddDicomCallbacks *cb, DIC_US cancelMessageID,
+							  bool *cancelled, DIC_US *status, std::string &error);
+
+#endif

@@ -1,0 +1,66 @@
+-- mdd: what the DICOM C-MOVE and C-GET services send, and where to
+
+-- Where the C-MOVE destination with this AE title listens.  It must be a
+-- registered node with a host and port, whatever mdd.accept_unknown_nodes
+-- says: an archive sends patient data only to places it was told about.
+CREATE FUNCTION mdd._dicom_destination(ae_title text, OUT host text, OUT port integer)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n mdd.node;
+BEGIN
+	SELECT * INTO n FROM mdd.node x
+	WHERE x.ae_title = _dicom_destination.ae_title AND x.host IS NOT NULL AND x.port IS NOT NULL
+	ORDER BY x.id LIMIT 1;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'move destination "%" is not a node with a host and port', ae_title
+			USING ERRCODE = '42704', HINT = 'Register it with mdd.add_node.';
+	END IF;
+	host := n.host;
+	port := n.port;
+END;
+$$;
+
+-- The DICOM objects a C-MOVE or C-GET identifier selects, in the order they
+-- are sent.  The identifier must hold the unique key of its level, without
+-- wildcards.  Each request is written to the audit trail.
+CREATE FUNCTION mdd._dicom_retrieve(operation text, model text, level text, keys jsonb,
+									destination text, calling_ae text, peer text)
+RETURNS TABLE(object_id bigint, sop_class_uid text, sop_instance_uid text,
+			  transfer_syntax_uid text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	q record := mdd._match_query(model, level, keys, true);
+	unique_key text := (ARRAY['PatientID', 'StudyInstanceUID', 'SeriesInstanceUID',
+							  'SOPInstanceUID'])[q.lvl + 1];
+	n bigint;
+	patients text[];
+BEGIN
+	IF coalesce(btrim(keys->>unique_key), '') = '' OR keys->>unique_key ~ '[*?]' THEN
+		RAISE EXCEPTION '% at level % needs the % of what to send, without wildcards',
+			operation, level, unique_key
+			USING ERRCODE = '22023';
+	END IF;
+	RETURN QUERY EXECUTE format(
+		'SELECT o.id, o.sop_class_uid, o.sop_instance_uid, o.transfer_syntax_uid %s'
+		' AND o.kind = ''dicom'' ORDER BY o.series, o.id', q.from_where);
+	GET DIAGNOSTICS n = ROW_COUNT;
+	EXECUTE format('SELECT array_agg(DISTINCT p.patient_id) %s AND o.kind = ''dicom''', q.from_where)
+	INTO patients;
+	INSERT INTO mdd.audit (role, action, patient_id, detail, client)
+	VALUES (mdd._caller(), lower(operation),
+			CASE WHEN cardinality(patients) = 1 THEN patients[1] END,
+			format('%s level %s %s: %s objects to %s', operation, level, keys, n,
+				   coalesce(destination, calling_ae)),
+			format('%s@%s', calling_ae, peer));
+END;
+$$;
+
+-- The stored bytes of one object for a C-MOVE or C-GET, checked against
+-- their SHA-256 so that nothing corrupt ever leaves the archive.
+CREATE FUNCTION mdd._dicom_fetch(object_id bigint) RETURNS bytea
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT mdd._fetch(object_id, true)
+$$;
