@@ -20,22 +20,24 @@ namespace
 
 /*
  * The connection DCMTK reads an association from.  It reads whole PDUs and
- * hands them on only after checking their structure: known PDU type, a
- * length within bounds (P-DATA within the maximum PDU we announced), and
- * items that fit exactly inside the PDU (the PDV items of a P-DATA-TF, the
- * items and sub-items of an association request).  DCMTK 3.6.7 trusts
- * these lengths and reads past its buffers on inconsistent ones, which in
- * a PostgreSQL backend would restart the whole server.  A PDU that fails
- * the check is answered with an A-ABORT from the service provider saying
- * why (unrecognized PDU, or invalid PDU parameter), and ends the
- * connection as a read error.
+ * hands them on only after checking their structure: an association
+ * request first, known PDU types, a length within bounds (P-DATA within
+ * the maximum PDU we announced), and items that fit exactly inside the PDU
+ * (the PDV items of a P-DATA-TF, the items and sub-items of an association
+ * request).  DCMTK 3.6.7 trusts these lengths and reads past its buffers
+ * on inconsistent ones, which in a PostgreSQL backend would restart the
+ * whole server; and it takes a P-DATA-TF in place of the request for a
+ * request with empty AE titles.  A PDU that fails the checks is answered
+ * with an A-ABORT from the service provider saying why (unexpected PDU,
+ * unrecognized PDU, invalid PDU parameter value) and ends the connection
+ * as a read error.
  */
 class CheckedConnection : public DcmTCPConnection
 {
 public:
 	CheckedConnection(DcmNativeSocketType socket, size_t maxPdu, int pduTimeout)
 		: DcmTCPConnection(socket), maxPdu_(maxPdu), pduTimeout_(pduTimeout), pos_(0),
-		  failed_(false), deadline_(0), abortReason_(-1) {}
+		  failed_(false), deadline_(0), abortReason_(-1), first_(true) {}
 
 	ssize_t read(void *buf, size_t nbyte) override
 	{
@@ -156,6 +158,11 @@ private:
 		unsigned long len = be32(header + 2);
 		bool		sizeOk;
 
+		/* connections are accepted: an association request comes first */
+		if (first_ && type != 0x01)
+			return refuse(type <= 0x07 ? 2 : 1);	/* unexpected / unrecognized */
+		first_ = false;
+
 		switch (type)
 		{
 			case 0x01:			/* A-ASSOCIATE-RQ */
@@ -224,6 +231,7 @@ private:
 	bool		failed_;
 	time_t		deadline_;
 	int			abortReason_;	/* A-ABORT reason for a refused PDU, or -1 */
+	bool		first_;			/* no PDU read yet */
 };
 
 /* the transport layer that gives DCMTK CheckedConnections */

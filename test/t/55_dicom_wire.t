@@ -99,16 +99,19 @@ def associate(contexts, desc, calling=AE):
 def collect(sock, timeout=5.0):
     """What the server does after a bad PDU: (how, PDU types) where how is
     'closed' when it closed the connection, 'aborted' when an A-ABORT came
-    (then we close), 'silent' when neither happened within timeout."""
+    (then we close; its PDU type is given as 'A-ABORT source/reason'),
+    'silent' when neither happened within timeout."""
     types = []
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            t, _ = w.read_pdu(sock)
-            types.append(w.PDU_NAMES.get(t, hex(t)))
+            t, payload = w.read_pdu(sock)
             if t == w.A_ABORT:
+                a = w.parse_abort(payload)
+                types.append(f"A-ABORT {a.source}/{a.reason}")
                 return "aborted", types
+            types.append(w.PDU_NAMES.get(t, hex(t)))
     except (w.Closed, ConnectionResetError):
         return "closed", types
     except (socket.timeout, w.ProtocolError):
@@ -278,12 +281,22 @@ ok(how in ("closed", "aborted"), "an A-ASSOCIATE-RQ announcing 0xFFFFFFF0 bytes 
 how, got = raw("absurd P-DATA", rq + w.pdu(w.P_DATA_TF, rng.randbytes(64), length=0xFFFFFFF0), True)
 ok(how in ("closed", "aborted") and got[:1] == ["A-ASSOCIATE-AC"],
    "a P-DATA-TF announcing 0xFFFFFFF0 bytes in an association ends it at once", f"    {how} {got}")
+EMPTY_AE_ROWS = "SELECT count(*) FROM mdd.audit_log WHERE detail LIKE ' -> %'"
+audits = query_value(conn, EMPTY_AE_ROWS)
 how, got = raw("unknown", w.pdu(0x42, rng.randbytes(32)), True)
-ok(how in ("closed", "aborted"), "an unknown PDU type (0x42) instead of a request is refused at once",
-   f"    {how} {got}")
+is_((how, got), ("aborted", ["A-ABORT 2/1"]),
+    "an unknown PDU type (0x42) instead of a request: A-ABORT, unrecognized PDU")
 how, got = raw("unknown in", rq + w.pdu(0x42, rng.randbytes(32)), True)
-ok(how in ("closed", "aborted") and got[:1] == ["A-ASSOCIATE-AC"],
-   "an unknown PDU type in an association ends it at once", f"    {how} {got}")
+is_((how, got), ("aborted", ["A-ASSOCIATE-AC", "A-ABORT 2/1"]),
+    "an unknown PDU type in an association: A-ABORT, unrecognized PDU")
+how, got = raw("P-DATA first", w.p_data_tf([(1, True, True, w.c_echo_rq(1))]), True)
+is_((how, got), ("aborted", ["A-ABORT 2/2"]),
+    "a P-DATA-TF instead of an association request: A-ABORT, unexpected PDU")
+how, got = raw("bad PDV", rq + w.pdu(w.P_DATA_TF, b"\x00\x00\x00\x09\x01\x03"), True)
+is_((how, got), ("aborted", ["A-ASSOCIATE-AC", "A-ABORT 2/6"]),
+    "a PDV item longer than its P-DATA-TF: A-ABORT, invalid PDU parameter value")
+is_(query_value(conn, EMPTY_AE_ROWS), audits,
+    "PDUs that are no association request leave no audit row with empty AE titles")
 ok(wait_idle(), "after the bad PDUs the listeners go idle again")
 a = associate(VERIFY, "after the bad PDUs")
 is_(a.echo(1).get("Status"), w.STATUS_SUCCESS, "after the bad PDUs: C-ECHO works")
