@@ -2,12 +2,13 @@
  *
  * launcher.c
  *	  The mdd launcher: one static background worker that keeps the DICOM
- *	  listener workers running.
+ *	  listeners and the job runners running.
  *
  * It connects to mdd.database, waits until the extension exists there,
- * then starts mdd.dicom_workers listeners as dynamic workers and starts
- * again any that exits.  It learns of exits through its latch (it is the
- * listeners' bgw_notify_pid), so it never polls them in a tight loop.
+ * then starts mdd.dicom_workers listeners (when the DICOM port is open)
+ * and mdd.job_workers runners as dynamic workers, and starts again any
+ * that exits.  It learns of exits through its latch (it is the workers'
+ * bgw_notify_pid), so it never polls them in a tight loop.
  *
  *-------------------------------------------------------------------------
  */
@@ -23,17 +24,30 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "../extension/mdd.h"
 #include "workers.h"
 
 #define MDD_MAX_LISTENERS 64
 
-typedef struct ListenerSlot
+typedef struct WorkerSlot
 {
 	BackgroundWorkerHandle *handle;
 	TimestampTz started_at;
-} ListenerSlot;
+} WorkerSlot;
 
-static ListenerSlot listeners[MDD_MAX_LISTENERS];
+/* one kind of worker the launcher keeps running */
+typedef struct WorkerKind
+{
+	const char *function;		/* entry point in mdd.so */
+	const char *name;			/* "mdd dicom listener", numbered from 1 */
+	WorkerSlot *slots;
+	int			max;
+} WorkerKind;
+
+static WorkerSlot listener_slots[MDD_MAX_LISTENERS];
+static WorkerSlot runner_slots[MDD_MAX_RUNNERS];
+static WorkerKind listeners = {"mdd_listener_main", "mdd dicom listener", listener_slots, MDD_MAX_LISTENERS};
+static WorkerKind runners = {"mdd_runner_main", "mdd job runner", runner_slots, MDD_MAX_RUNNERS};
 
 /* register the launcher from _PG_init (shared_preload_libraries only) */
 void
@@ -75,7 +89,7 @@ extension_exists(void)
 }
 
 static void
-start_listener(int slot)
+start_worker(WorkerKind *kind, int slot)
 {
 	BackgroundWorker worker;
 
@@ -84,60 +98,68 @@ start_listener(int slot)
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	worker.bgw_restart_time = BGW_NEVER_RESTART;	/* the launcher restarts it */
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "mdd");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "mdd_listener_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "mdd dicom listener %d", slot + 1);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "mdd dicom listener");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", kind->function);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "%s %d", kind->name, slot + 1);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", kind->name);
 	worker.bgw_main_arg = Int32GetDatum(slot + 1);
 	worker.bgw_notify_pid = MyProcPid;
 
-	if (!RegisterDynamicBackgroundWorker(&worker, &listeners[slot].handle))
+	if (!RegisterDynamicBackgroundWorker(&worker, &kind->slots[slot].handle))
 	{
-		listeners[slot].handle = NULL;
+		kind->slots[slot].handle = NULL;
 		ereport(LOG,
-				(errmsg("mdd: could not start DICOM listener %d", slot + 1),
-				 errhint("Raise max_worker_processes (mdd needs 1 + mdd.dicom_workers).")));
+				(errmsg("mdd: could not start %s %d", kind->name, slot + 1),
+				 errhint("Raise max_worker_processes (mdd needs 1 + mdd.dicom_workers + mdd.job_workers).")));
 		return;
 	}
-	listeners[slot].started_at = GetCurrentTimestamp();
+	kind->slots[slot].started_at = GetCurrentTimestamp();
 }
 
 /*
- * Start listeners that are not running.  A listener that died less than a
- * second after it started is given a second's pause first, so that a
- * listener failing at once cannot make the launcher spin.  Returns the
- * milliseconds until the launcher should look again.
+ * Start the workers of a kind that are not running, n of them.  A worker
+ * that died less than a second after it started is given a second's pause
+ * first, so that a worker failing at once cannot make the launcher spin.
+ * Returns the milliseconds until the launcher should look again.
  */
 static long
-keep_listeners_running(void)
+keep_running(WorkerKind *kind, int n)
 {
 	long		next = 60000;
-	int			n = Min(mdd_dicom_workers, MDD_MAX_LISTENERS);
 
+	n = Min(n, kind->max);
 	for (int i = 0; i < n; i++)
 	{
+		WorkerSlot *slot = &kind->slots[i];
 		pid_t		pid;
 
-		if (listeners[i].handle != NULL &&
-			GetBackgroundWorkerPid(listeners[i].handle, &pid) != BGWH_STOPPED)
+		if (slot->handle != NULL && GetBackgroundWorkerPid(slot->handle, &pid) != BGWH_STOPPED)
 			continue;
-		if (listeners[i].handle != NULL)
+		if (slot->handle != NULL)
 		{
-			long		ran = (GetCurrentTimestamp() - listeners[i].started_at) / 1000;
+			long		ran = (GetCurrentTimestamp() - slot->started_at) / 1000;
 
 			if (ran < 1000)
 			{
 				next = Min(next, 1000 - ran);
 				continue;
 			}
-			ereport(LOG, (errmsg("mdd: DICOM listener %d exited, starting it again", i + 1)));
-			pfree(listeners[i].handle);
-			listeners[i].handle = NULL;
+			ereport(LOG, (errmsg("mdd: %s %d exited, starting it again", kind->name, i + 1)));
+			pfree(slot->handle);
+			slot->handle = NULL;
 		}
-		start_listener(i);
-		if (listeners[i].handle == NULL)
+		start_worker(kind, i);
+		if (slot->handle == NULL)
 			next = Min(next, 10000);
 	}
 	return next;
+}
+
+static void
+stop_all(WorkerKind *kind)
+{
+	for (int i = 0; i < kind->max; i++)
+		if (kind->slots[i].handle != NULL)
+			TerminateBackgroundWorker(kind->slots[i].handle);
 }
 
 void
@@ -163,18 +185,19 @@ mdd_launcher_main(Datum arg)
 				ereport(LOG, (errmsg("mdd launcher: extension found in database \"%s\"",
 									 mdd_database)));
 		}
-		if (ready && mdd_listen_fd >= 0)
-			timeout = keep_listeners_running();
-		else if (ready)
-			timeout = 60000;
+		if (ready)
+		{
+			timeout = keep_running(&runners, mdd_job_workers);
+			if (mdd_listen_fd >= 0)
+				timeout = Min(timeout, keep_running(&listeners, mdd_dicom_workers));
+		}
 
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 timeout, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 
-	for (int i = 0; i < MDD_MAX_LISTENERS; i++)
-		if (listeners[i].handle != NULL)
-			TerminateBackgroundWorker(listeners[i].handle);
+	stop_all(&listeners);
+	stop_all(&runners);
 	proc_exit(0);
 }

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * workers.h
- *	  Background workers of mdd: the launcher and the DICOM listeners.
+ *	  Background workers of mdd: the launcher, the DICOM listeners and the
+ *	  job runners.
  *
  *-------------------------------------------------------------------------
  */
@@ -24,6 +25,7 @@ extern bool mdd_accept_unknown_nodes;
 extern int	mdd_dicom_max_pdu;
 extern int	mdd_dicom_acse_timeout;
 extern int	mdd_dicom_dimse_timeout;
+extern int	mdd_job_workers;
 
 /* listen_socket.c: the DICOM port, opened by the postmaster */
 extern int	mdd_listen_fd;
@@ -35,6 +37,9 @@ PGDLLEXPORT void mdd_launcher_main(Datum arg);
 
 /* listener.c */
 PGDLLEXPORT void mdd_listener_main(Datum arg);
+
+/* runner.c */
+PGDLLEXPORT void mdd_runner_main(Datum arg);
 
 /* worker_common.c */
 extern volatile sig_atomic_t mdd_got_sigterm;

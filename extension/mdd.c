@@ -3,9 +3,10 @@
  * mdd.c
  *	  Entry point of the mdd extension: settings and subsystem start-up.
  *
- * _PG_init only registers: the mdd.* settings and the transaction
- * callbacks of the file storage.  Everything else happens when SQL calls
- * the extension's functions.
+ * _PG_init only registers: the mdd.* settings, the transaction callbacks
+ * (file storage, counts, runner wake-up), and when preloaded the shared
+ * memory of the runner wake-up and the launcher.  Everything else happens
+ * when SQL calls the extension's functions or in the workers.
  *
  *-------------------------------------------------------------------------
  */
@@ -35,6 +36,8 @@ bool		mdd_accept_unknown_nodes = false;
 int			mdd_dicom_max_pdu = 65536;
 int			mdd_dicom_acse_timeout = 30;
 int			mdd_dicom_dimse_timeout = 60;
+int			mdd_job_workers = 2;
+static char *mdd_archive_storage = NULL;
 static int	mdd_import_progress_every = 1000;
 
 void		_PG_init(void);
@@ -126,8 +129,28 @@ _PG_init(void)
 	define_network_settings();
 	MarkGUCPrefixReserved("mdd");
 
+	DefineCustomIntVariable("mdd.job_workers",
+							"Number of job runner processes (archive, restore ...).",
+							NULL,
+							&mdd_job_workers,
+							2,
+							0, MDD_MAX_RUNNERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("mdd.archive_storage",
+							   "Storage that mdd.archive uses when none is named.",
+							   "The name of an archive-tier storage; empty: the only one there is.",
+							   &mdd_archive_storage,
+							   "",
+							   PGC_SUSET,
+							   0,
+							   NULL, NULL, NULL);
+
 	mdd_storage_file_init();
 	mdd_tally_init();
+	mdd_job_wake_init(process_shared_preload_libraries_in_progress && !IsUnderPostmaster);
 
 	/*
 	 * The workers run only when mdd is preloaded; then the postmaster also

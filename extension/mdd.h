@@ -33,4 +33,9 @@ extern void mdd_storage_file_init(void);
 /* tally.c */
 extern void mdd_tally_init(void);
 
+/* job_wake.c */
+#define MDD_MAX_RUNNERS 32
+extern void mdd_job_wake_init(bool preloading);
+extern void mdd_runner_attach(int slot);
+
 #endif							/* MDD_H */

@@ -1,7 +1,9 @@
 -- mdd: reading objects back, exporting them, and what travels with them
 
 -- The bytes of an object from its best present copy (online tiers first).
--- The size is always checked; with verify, the SHA-256 too.
+-- The size is always checked; the SHA-256 with verify, and always for
+-- copies outside PostgreSQL, which can change behind mdd's back (another
+-- copy is used when one is corrupt; see mdd._read_verified).
 CREATE FUNCTION mdd._fetch(object_id bigint, verify boolean) RETURNS bytea
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -27,8 +29,11 @@ BEGIN
 		RAISE EXCEPTION 'object % has no readable copy', object_id USING ERRCODE = '58030';
 	END IF;
 	SELECT * INTO s FROM mdd.storage x WHERE x.id = s.id;
+	IF verify OR s.kind <> 'large_object' THEN
+		RETURN mdd._read_verified(object_id, NULL);
+	END IF;
 	data := mdd._get(s, locator);
-	IF length(data) <> o.size OR (verify AND sha256(data) <> o.sha256) THEN
+	IF length(data) <> o.size THEN
 		RAISE EXCEPTION 'object % is corrupt in storage "%"', object_id, s.name
 			USING ERRCODE = 'XX001',
 				  DETAIL = format('Expected %s bytes with SHA-256 %s, read %s bytes with SHA-256 %s.',
@@ -73,20 +78,13 @@ $$;
 COMMENT ON FUNCTION mdd.export(bigint, text, boolean, boolean) IS
 	'Write the exact stored bytes of an object to a file (under mdd.allowed_paths); returns bytes written';
 
--- Objects that reference the given one, transitively: what travels with it.
-CREATE FUNCTION mdd.related(object_id bigint) RETURNS SETOF bigint
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The given objects and those that reference them, transitively: what
+-- travels with them.
+CREATE FUNCTION mdd._related_set(object_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-BEGIN
-	IF object_id IS NULL THEN
-		RAISE EXCEPTION 'object id must not be NULL' USING ERRCODE = '22004';
-	END IF;
-	IF NOT EXISTS (SELECT 1 FROM mdd.object o WHERE o.id = object_id) THEN
-		RAISE EXCEPTION 'object % does not exist', object_id USING ERRCODE = '42704';
-	END IF;
-	RETURN QUERY
 	WITH RECURSIVE closure(id) AS (
-		SELECT object_id
+		SELECT DISTINCT x FROM unnest(object_ids) x
 		UNION
 		SELECT referrer.object
 		FROM closure
@@ -99,7 +97,22 @@ BEGIN
 			WHERE r.kind = 'series' AND r.uid = se.series_instance_uid
 		) referrer
 	)
-	SELECT closure.id FROM closure WHERE closure.id <> object_id ORDER BY 1;
+	SELECT id FROM closure
+$$;
+
+-- Objects that reference the given one, transitively: what travels with it.
+CREATE FUNCTION mdd.related(object_id bigint) RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF object_id IS NULL THEN
+		RAISE EXCEPTION 'object id must not be NULL' USING ERRCODE = '22004';
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM mdd.object o WHERE o.id = object_id) THEN
+		RAISE EXCEPTION 'object % does not exist', object_id USING ERRCODE = '42704';
+	END IF;
+	RETURN QUERY
+	SELECT r FROM mdd._related_set(ARRAY[object_id]) r WHERE r <> object_id ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION mdd.related(bigint) IS

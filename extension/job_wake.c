@@ -1,0 +1,132 @@
+/*-------------------------------------------------------------------------
+ *
+ * job_wake.c
+ *	  Waking the job runners when a transaction that queued work commits.
+ *
+ * Each runner puts its PGPROC number in a small shared array when it
+ * starts.  mdd._wake_runners() marks the calling transaction; at its
+ * commit every runner's latch is set, so runners sleep until there is
+ * work instead of polling the queue.  Without shared_preload_libraries
+ * there is no array and no runner, and waking does nothing.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+
+#include "mdd.h"
+
+typedef struct RunnerLatches
+{
+	int			pgprocno[MDD_MAX_RUNNERS];	/* -1: slot not running */
+} RunnerLatches;
+
+static RunnerLatches *runner_latches = NULL;
+static bool wake_at_commit = false;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void
+request_shmem(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(RunnerLatches)));
+}
+
+static void
+startup_shmem(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	runner_latches = ShmemInitStruct("mdd job runners", sizeof(RunnerLatches), &found);
+	if (!found)
+		for (int i = 0; i < MDD_MAX_RUNNERS; i++)
+			runner_latches->pgprocno[i] = -1;
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+wake_all(void)
+{
+	if (runner_latches == NULL)
+		return;
+	for (int i = 0; i < MDD_MAX_RUNNERS; i++)
+	{
+		int			procno = runner_latches->pgprocno[i];
+
+		if (procno >= 0)
+			SetLatch(&ProcGlobal->allProcs[procno].procLatch);
+	}
+}
+
+static void
+job_wake_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_at_commit)
+				wake_all();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/* from _PG_init; the shared array only when preloading */
+void
+mdd_job_wake_init(bool preloading)
+{
+	RegisterXactCallback(job_wake_xact_callback, NULL);
+	if (preloading)
+	{
+		prev_shmem_request_hook = shmem_request_hook;
+		shmem_request_hook = request_shmem;
+		prev_shmem_startup_hook = shmem_startup_hook;
+		shmem_startup_hook = startup_shmem;
+	}
+}
+
+static void
+detach_runner(int code, Datum arg)
+{
+	if (runner_latches != NULL)
+		runner_latches->pgprocno[DatumGetInt32(arg)] = -1;
+}
+
+/* a runner (slot from 0) makes its latch known; undone when it exits */
+void
+mdd_runner_attach(int slot)
+{
+	if (runner_latches == NULL || slot < 0 || slot >= MDD_MAX_RUNNERS)
+		return;
+	runner_latches->pgprocno[slot] = MyProc->pgprocno;
+	on_shmem_exit(detach_runner, Int32GetDatum(slot));
+}
+
+PG_FUNCTION_INFO_V1(mdd_wake_runners_sql);
+
+Datum
+mdd_wake_runners_sql(PG_FUNCTION_ARGS)
+{
+	wake_at_commit = true;
+	PG_RETURN_VOID();
+}

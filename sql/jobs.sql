@@ -1,0 +1,201 @@
+-- mdd: the durable job queue that the job runners (bgworker/runner.c) work
+-- through, with its progress view, mdd.wait and mdd.cancel
+
+CREATE TABLE mdd.job (
+	id				bigserial PRIMARY KEY,
+	kind			text NOT NULL CHECK (kind IN ('archive', 'restore')),
+	state			text NOT NULL DEFAULT 'queued'
+					CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+	storage			integer REFERENCES mdd.storage(id),	-- where the objects go
+	options			jsonb NOT NULL DEFAULT '{}',
+	created_by		name NOT NULL,
+	client			text,
+	created_at		timestamptz NOT NULL DEFAULT now(),
+	started_at		timestamptz,
+	finished_at		timestamptz,
+	total			integer NOT NULL DEFAULT 0,
+	done			integer NOT NULL DEFAULT 0,
+	failed			integer NOT NULL DEFAULT 0,
+	bytes			bigint NOT NULL DEFAULT 0,
+	attempts		integer NOT NULL DEFAULT 0,	-- transient failures in a row
+	next_attempt_at timestamptz,
+	error			text
+);
+CREATE INDEX ON mdd.job (state) WHERE state IN ('queued', 'running');
+
+-- One row per object of a job.  state: 'pending'; 'copying' once the new
+-- copy is recorded as writing; 'releasing' once it is present and the old
+-- copies wait to be removed; 'done' or 'failed' at the end.
+CREATE TABLE mdd.job_item (
+	job				bigint NOT NULL REFERENCES mdd.job(id) ON DELETE CASCADE,
+	object			bigint NOT NULL REFERENCES mdd.object(id),
+	state			text NOT NULL DEFAULT 'pending'
+					CHECK (state IN ('pending', 'copying', 'releasing', 'done', 'failed')),
+	error			text,
+	PRIMARY KEY (job, object)
+);
+CREATE INDEX ON mdd.job_item (job, state);
+CREATE INDEX ON mdd.job_item (object);
+
+CREATE VIEW mdd.jobs AS
+SELECT j.id, j.kind, j.state, s.name AS storage, j.created_by, j.created_at, j.started_at,
+	   j.finished_at, j.total, j.done, j.failed, j.bytes, j.attempts, j.next_attempt_at,
+	   j.error
+FROM mdd.job j LEFT JOIN mdd.storage s ON s.id = j.storage;
+
+-- Wake the job runners once the calling transaction commits (C).
+CREATE FUNCTION mdd._wake_runners() RETURNS void
+	AS 'MODULE_PATHNAME', 'mdd_wake_runners_sql' LANGUAGE C VOLATILE;
+
+CREATE FUNCTION mdd.wait(job bigint, timeout interval DEFAULT '5 min') RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	deadline timestamptz := clock_timestamp() + coalesce(timeout, '5 min');
+	s text;
+BEGIN
+	LOOP
+		SELECT j.state INTO s FROM mdd.job j WHERE j.id = wait.job;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'job % does not exist', coalesce(wait.job::text, 'NULL')
+				USING ERRCODE = '42704', HINT = 'See mdd.jobs.';
+		END IF;
+		IF s IN ('done', 'failed', 'cancelled') THEN
+			RETURN s;
+		END IF;
+		IF clock_timestamp() >= deadline THEN
+			RAISE EXCEPTION 'job % is still %, after waiting %', wait.job, s, timeout
+				USING ERRCODE = '57014';
+		END IF;
+		PERFORM pg_sleep(0.05);
+	END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION mdd.wait(bigint, interval) IS
+	'Wait for a job to end; returns done, failed or cancelled';
+
+CREATE FUNCTION mdd.cancel(job bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s text;
+BEGIN
+	SELECT j.state INTO s FROM mdd.job j WHERE j.id = cancel.job FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'job % does not exist', coalesce(cancel.job::text, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.jobs.';
+	END IF;
+	IF s IN ('queued', 'running') THEN
+		UPDATE mdd.job j SET state = 'cancelled', next_attempt_at = NULL, attempts = 0,
+			   error = format('cancelled by %s', mdd._caller()),
+			   finished_at = CASE WHEN EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id
+											   AND i.state IN ('copying', 'releasing'))
+								  THEN NULL ELSE now() END
+		WHERE j.id = cancel.job;
+		PERFORM mdd._audit('cancel', NULL, NULL, format('job %s', cancel.job));
+		PERFORM mdd._wake_runners();
+	END IF;
+END;
+$$;
+
+-- The next job a runner may take: queued, running (after a restart), or
+-- cancelled or failed with copies to undo; due, and not held by another runner (a session advisory lock that the
+-- runner keeps while it works on the job).  NULL when there is none.
+CREATE FUNCTION mdd._claim_job() RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	j bigint;
+BEGIN
+	FOR j IN SELECT x.id FROM mdd.job x
+			 WHERE (x.state IN ('queued', 'running')
+					OR x.state IN ('cancelled', 'failed') AND x.finished_at IS NULL)
+			   AND coalesce(x.next_attempt_at, '-infinity') <= now()
+			 ORDER BY x.id
+	LOOP
+		IF pg_try_advisory_lock(1296319521, j::int) THEN
+			RETURN j;
+		END IF;
+	END LOOP;
+	RETURN NULL;
+END;
+$$;
+
+-- Seconds until the earliest job waiting for a retry is due (NULL: none).
+CREATE FUNCTION mdd._next_job_due() RETURNS double precision
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT greatest(0, extract(epoch FROM min(next_attempt_at) - now()))::double precision
+	FROM mdd.job WHERE (state IN ('queued', 'running') OR finished_at IS NULL)
+				   AND next_attempt_at IS NOT NULL
+$$;
+
+CREATE FUNCTION mdd._release_job(job bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT pg_advisory_unlock(1296319521, job::int)
+$$;
+
+-- A transient failure (storage server down, disk full): try again later,
+-- waiting longer each time, and give up after the job's max_attempts.
+CREATE FUNCTION mdd._job_retry(job bigint, sqlstate text, message text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	j mdd.job;
+	max_attempts int;
+BEGIN
+	SELECT * INTO j FROM mdd.job x WHERE x.id = _job_retry.job FOR UPDATE;
+	max_attempts := coalesce((j.options->>'max_attempts')::int, 5);
+	IF j.state NOT IN ('queued', 'running') THEN
+		-- undoing a cancelled or failed job: keep trying, less and less often
+		UPDATE mdd.job x SET attempts = x.attempts + 1,
+			   next_attempt_at = now() + least(interval '1 s' * 2 ^ x.attempts, interval '5 min')
+		WHERE x.id = _job_retry.job;
+		RETURN;
+	END IF;
+	IF j.attempts + 1 >= max_attempts THEN
+		PERFORM mdd._job_fail(job, format('gave up after %s attempts: %s (SQLSTATE %s)',
+										  j.attempts + 1, message, sqlstate));
+		RETURN;
+	END IF;
+	UPDATE mdd.job x SET attempts = x.attempts + 1,
+		   next_attempt_at = now() + least(interval '1 s' * coalesce((j.options->>'retry_delay')::float8, 1)
+										   * 2 ^ x.attempts, interval '5 min'),
+		   error = format('attempt %s failed, will retry: %s (SQLSTATE %s)', x.attempts + 1,
+						  message, sqlstate)
+	WHERE x.id = _job_retry.job;
+END;
+$$;
+
+-- A permanent failure of the whole job.  Items not yet copied stay as they
+-- are; what was written for them is undone by the runner (_job_step).
+CREATE FUNCTION mdd._job_fail(job bigint, message text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	-- finished_at stays NULL while copies begun are still to be undone
+	UPDATE mdd.job x SET state = 'failed', error = message, next_attempt_at = NULL, attempts = 0,
+		   finished_at = CASE WHEN EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = x.id
+										   AND i.state IN ('copying', 'releasing'))
+							  THEN NULL ELSE now() END
+	WHERE x.id = _job_fail.job AND x.state IN ('queued', 'running');
+	PERFORM mdd._audit((SELECT kind FROM mdd.job x WHERE x.id = _job_fail.job) || ' failed',
+					   NULL, NULL, format('job %s: %s', job, message));
+END;
+$$;
+
+-- A step of a job failed: transient failures of a running job are retried,
+-- other failures fail it; undoing a cancelled or failed job is retried.
+CREATE FUNCTION mdd._job_error(job bigint, sqlstate text, message text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF mdd._transient(sqlstate)
+	   OR (SELECT x.state NOT IN ('queued', 'running') FROM mdd.job x WHERE x.id = _job_error.job) THEN
+		PERFORM mdd._job_retry(job, sqlstate, message);
+	ELSE
+		PERFORM mdd._job_fail(job, format('%s (SQLSTATE %s)', message, sqlstate));
+	END IF;
+END;
+$$;
