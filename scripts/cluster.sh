@@ -40,6 +40,7 @@ start)
 			echo "unix_socket_directories = '$datadir'"
 			echo "shared_preload_libraries = 'mdd'"
 			echo "max_connections = 50"
+			echo "max_worker_processes = 16"
 			echo "shared_buffers = 256MB"
 			echo "max_wal_size = 4GB"
 			echo "logging_collector = off"
