@@ -475,6 +475,40 @@ fetch_callback(void *arg, long long object_id, const char *operation,
 	return ok;
 }
 
+/* an audit row for the peer, in a transaction of its own */
+static void
+audit_callback(void *arg, const char *action, const char *detail)
+{
+	Peer	   *peer = (Peer *) arg;
+	MemoryContext old = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		values[4];
+
+		values[0] = CStringGetTextDatum(action);
+		values[1] = CStringGetTextDatum(detail);
+		values[2] = CStringGetTextDatum(peer->calling_ae);
+		values[3] = CStringGetTextDatum(peer->host);
+		begin_work("DICOM audit");
+		run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
+		end_work();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = abort_work(peer);
+
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: could not write the audit row \"%s\" for \"%s\": %s",
+						peer->listener, action, peer->calling_ae, edata->message)));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(peer->scratch);
+	report_association(peer);
+}
+
 static int
 should_stop_callback(void *arg)
 {
@@ -554,6 +588,7 @@ serve_connection(int fd, Peer *peer)
 	callbacks.retrieve = retrieve_callback;
 	callbacks.destination = destination_callback;
 	callbacks.fetch = fetch_callback;
+	callbacks.audit = audit_callback;
 	callbacks.should_stop = should_stop_callback;
 	callbacks.wait_readable = wait_readable_callback;
 	callbacks.log = log_callback;

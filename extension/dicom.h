@@ -168,6 +168,9 @@ typedef struct MddDicomCallbacks
 						  unsigned char **data, size_t *len,
 						  char *error, size_t error_len);
 
+	/* write an audit row for the peer: action and what was refused or done */
+	void		(*audit) (void *arg, const char *action, const char *detail);
+
 	/* true when the service must stop (SIGTERM, postmaster death) */
 	int			(*should_stop) (void *arg);
 

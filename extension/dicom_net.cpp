@@ -539,18 +539,30 @@ acceptContexts(T_ASC_Parameters *params)
 		cond = ASC_getPresentationContext(params, i, &pc);
 		if (cond.bad() || !dcmIsaStorageSOPClassUID(pc.abstractSyntax))
 			continue;
-		/* our preference decides among the syntaxes proposed */
-		for (int k = 0; k < numberOfAcceptedTransferSyntaxes; k++)
+
+		/*
+		 * Our preference decides among the syntaxes proposed.  Where the
+		 * peer takes the SCP role (to receive a C-GET's objects), an
+		 * uncompressed syntax comes first: any uncompressed object can be
+		 * sent in it, while a compressed one fits only objects stored so.
+		 */
+		bool		receiving = pc.proposedRole == ASC_SC_ROLE_SCP ||
+			pc.proposedRole == ASC_SC_ROLE_SCUSCP;
+		std::vector<const char *> preference;
+
+		if (receiving)
+			preference.assign(mddUncompressedTransferSyntaxes, mddUncompressedTransferSyntaxes + 3);
+		preference.insert(preference.end(), acceptedTransferSyntaxes,
+						  acceptedTransferSyntaxes + numberOfAcceptedTransferSyntaxes);
+		for (const char *ts : preference)
 		{
 			bool		proposed = false;
 
 			for (int j = 0; j < pc.transferSyntaxCount; j++)
-				proposed = proposed || strcmp(pc.proposedTransferSyntaxes[j],
-											  acceptedTransferSyntaxes[k]) == 0;
+				proposed = proposed || strcmp(pc.proposedTransferSyntaxes[j], ts) == 0;
 			if (proposed)
 			{
-				cond = ASC_acceptPresentationContext(params, pc.presentationContextID,
-													 acceptedTransferSyntaxes[k],
+				cond = ASC_acceptPresentationContext(params, pc.presentationContextID, ts,
 													 pc.proposedRole);
 				break;
 			}

@@ -18,6 +18,7 @@
 
 #include <dcmtk/dcmnet/diutil.h>
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -65,6 +66,7 @@ public:
 
 private:
 	bool		respond(DIC_US status, const std::string &comment, bool final);
+	bool		refuse(DIC_US status, const std::string &comment);
 	bool		sendAll(T_ASC_Association *target, int fd, const RetrieveList &list);
 	std::string model() const;
 
@@ -77,6 +79,8 @@ private:
 	bool		isGet_;
 	std::string operation_;
 	std::string destination_;
+	std::string level_;
+	std::string keys_;
 	SubOperations ops_;
 	bool		cancelled_ = false;
 	bool		broken_ = false;	/* the association sub-operations go on failed */
@@ -160,6 +164,26 @@ Retrieval::respond(DIC_US status, const std::string &comment, bool final)
 	rsp.opts = O_MOVE_AFFECTEDSOPCLASSUID | opts;
 	return DIMSE_sendMoveResponse(sa_.assoc, presID_, move_, &rsp, ids,
 								  comment.empty() ? NULL : &detail).good();
+}
+
+/* a final failure before any sub-operation, written to the audit trail */
+bool
+Retrieval::refuse(DIC_US status, const std::string &comment)
+{
+	char		detail[1024];
+
+	snprintf(detail, sizeof(detail), "%s level %s %s to %s refused with status 0x%04X: %s",
+			 operation_.c_str(), level_.c_str(), keys_.c_str(), destination_.c_str(), status,
+			 comment.c_str());
+	if (sa_.cb->audit)
+	{
+		std::string action = operation_ + " refused";
+
+		for (char &c : action)
+			c = (char) tolower((unsigned char) c);
+		sa_.cb->audit(sa_.cb->arg, action.c_str(), detail);
+	}
+	return respond(status, comment, true);
 }
 
 /*
@@ -306,27 +330,25 @@ Retrieval::run(const std::string &destination)
 	}
 	std::unique_ptr<DcmDataset> owner(ids);
 
+	keys_ = mddIdentifierKeys(ids, NULL, &level);
+	level_ = level.c_str();
 	if (model().empty())
-		return respond(STATUS_MOVE_Error_DataSetDoesNotMatchSOPClass,
-					   "unsupported information model", true);
+		return refuse(STATUS_MOVE_Error_DataSetDoesNotMatchSOPClass, "unsupported information model");
 	if (!(sa_.permits & MDD_PERMIT_RETRIEVE))
-		return respond(STATUS_MOVE_Refused_NotAuthorized,
-					   sa_.callingAE + " may not retrieve from this archive", true);
-
-	std::string keys = mddIdentifierKeys(ids, NULL, &level);
-
+		return refuse(STATUS_MOVE_Refused_NotAuthorized,
+					  sa_.callingAE + " may not retrieve from this archive");
 	if (!isGet_)
 	{
 		status = sa_.cb->destination(sa_.cb->arg, destination.c_str(), host, sizeof(host), &port,
 									 comment, sizeof(comment));
 		if (status != STATUS_Success)
-			return respond(status, comment, true);
+			return refuse(status, comment);
 	}
 	status = sa_.cb->retrieve(sa_.cb->arg, operation_.c_str(), model().c_str(), level.c_str(),
-							  keys.c_str(), isGet_ ? NULL : destination.c_str(), &list,
+							  keys_.c_str(), isGet_ ? NULL : destination.c_str(), &list,
 							  comment, sizeof(comment));
 	if (status != STATUS_Success)
-		return respond(status, comment, true);
+		return refuse(status, comment);
 	ops_.remaining = list.nitems;
 	if (list.nitems == 0)
 		return respond(STATUS_Success, "", true);

@@ -64,3 +64,12 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 	SELECT mdd._fetch(object_id, true)
 $$;
+
+-- An audit row for a DICOM peer (a refused C-MOVE or C-GET, say).
+CREATE FUNCTION mdd._dicom_audit(action text, detail text, calling_ae text, peer text)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO mdd.audit (role, action, detail, client)
+	VALUES (mdd._caller(), action, detail, format('%s@%s', calling_ae, peer))
+$$;
