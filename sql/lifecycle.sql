@@ -186,32 +186,52 @@ BEGIN
 END;
 $$;
 
--- The verified bytes of an object from a present copy other than on the
--- given storage (online tiers first); XX001 when every copy is corrupt.
-CREATE FUNCTION mdd._read_verified(obj bigint, not_on integer) RETURNS bytea
+-- The bytes of an object from a present copy not on storage not_on
+-- (online tiers first), checked against the object's size, and SHA-256
+-- unless check_lo_sha is false and the copy is a large object; a corrupt
+-- copy is passed over for the next.  A copy that disappears while it is
+-- read (a job moved the object meanwhile) sends the search round again.
+-- XX001 when every copy is corrupt.
+CREATE FUNCTION mdd._read_verified(obj bigint, not_on integer, check_lo_sha boolean DEFAULT true)
+RETURNS bytea
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	o mdd.object;
 	c record;
 	data bytea;
-	bad text[] := '{}';
+	bad text[];
+	moved boolean;
 BEGIN
 	SELECT * INTO o FROM mdd.object x WHERE x.id = obj;
-	FOR c IN SELECT s, cp.locator FROM mdd.copy cp JOIN mdd.storage s ON s.id = cp.storage
-			 WHERE cp.object = obj AND cp.state = 'present' AND cp.storage IS DISTINCT FROM not_on
-			 ORDER BY s.tier = 'online' DESC, s.id
-	LOOP
-		BEGIN
-			data := mdd._get(c.s, c.locator);
-			IF length(data) = o.size AND sha256(data) = o.sha256 THEN
-				RETURN data;
-			END IF;
-			bad := bad || format('storage "%s": %s bytes with SHA-256 %s', (c.s).name, length(data),
-								 encode(sha256(data), 'hex'));
-		EXCEPTION WHEN data_corrupted OR undefined_file THEN
-			bad := bad || format('storage "%s": %s', (c.s).name, SQLERRM);
-		END;
+	FOR attempt IN 1..5 LOOP
+		bad := '{}';
+		moved := false;
+		FOR c IN SELECT s, cp.locator FROM mdd.copy cp JOIN mdd.storage s ON s.id = cp.storage
+				 WHERE cp.object = obj AND cp.state = 'present' AND cp.storage IS DISTINCT FROM not_on
+				 ORDER BY s.tier = 'online' DESC, s.id
+		LOOP
+			BEGIN
+				data := mdd._get(c.s, c.locator);
+				IF length(data) = o.size
+				   AND ((c.s).kind = 'large_object' AND NOT check_lo_sha OR sha256(data) = o.sha256) THEN
+					RETURN data;
+				END IF;
+				bad := bad || format('storage "%s": %s bytes with SHA-256 %s', (c.s).name, length(data),
+									 encode(sha256(data), 'hex'));
+			EXCEPTION WHEN undefined_object OR undefined_file THEN
+				-- gone: moved by a job since the copies were listed, or lost
+				IF EXISTS (SELECT 1 FROM mdd.copy cp WHERE cp.object = obj AND cp.storage = (c.s).id
+						   AND cp.locator = c.locator AND cp.state = 'present') THEN
+					bad := bad || format('storage "%s": %s', (c.s).name, SQLERRM);
+				ELSE
+					moved := true;
+				END IF;
+			WHEN data_corrupted THEN
+				bad := bad || format('storage "%s": %s', (c.s).name, SQLERRM);
+			END;
+		END LOOP;
+		EXIT WHEN NOT moved;
 	END LOOP;
 	IF cardinality(bad) = 0 THEN
 		RAISE EXCEPTION 'object % has no readable copy', obj USING ERRCODE = '58030';
@@ -247,7 +267,13 @@ BEGIN
 			IF NOT EXISTS (SELECT 1 FROM mdd.copy x WHERE x.object = it.id
 						   AND x.storage = target.id AND x.state = 'present') THEN
 				data := mdd._read_verified(it.id, target.id);
-				loc := mdd._put(target, it.id, it.sha256, data);
+				BEGIN
+					loc := mdd._put(target, it.id, it.sha256, data);
+				EXCEPTION WHEN duplicate_file THEN
+					-- left by an attempt cut short (the copy is still 'writing'): write it anew
+					PERFORM mdd._delete(target, mdd._locator(target, it.id, it.sha256));
+					loc := mdd._put(target, it.id, it.sha256, data);
+				END;
 				IF verify THEN
 					back := mdd._get(target, loc);
 					IF length(back) <> it.size OR sha256(back) <> it.sha256 THEN
@@ -473,6 +499,10 @@ BEGIN
 			problem := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
 		END;
 		data := NULL;
+		-- a copy a job released while it was being read is no problem
+		CONTINUE WHEN problem IS NOT NULL AND NOT EXISTS
+			(SELECT 1 FROM mdd.copy cp WHERE cp.object = c.object AND cp.storage = s.id
+			 AND cp.locator = c.locator AND cp.state = 'present');
 		IF problem IS NULL THEN
 			UPDATE mdd.copy cp SET verified_at = now() WHERE cp.object = c.object AND cp.storage = s.id;
 		ELSE

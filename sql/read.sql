@@ -1,46 +1,20 @@
 -- mdd: reading objects back, exporting them, and what travels with them
 
--- The bytes of an object from its best present copy (online tiers first).
--- The size is always checked; the SHA-256 with verify, and always for
--- copies outside PostgreSQL, which can change behind mdd's back (another
--- copy is used when one is corrupt; see mdd._read_verified).
+-- The bytes of an object from its best present copy (online tiers first),
+-- see mdd._read_verified.  The size is always checked; the SHA-256 with
+-- verify, and always for copies outside PostgreSQL, which can change
+-- behind mdd's back.
 CREATE FUNCTION mdd._fetch(object_id bigint, verify boolean) RETURNS bytea
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-	o mdd.object;
-	locator text;
-	s mdd.storage;
-	data bytea;
 BEGIN
 	IF object_id IS NULL THEN
 		RAISE EXCEPTION 'object id must not be NULL' USING ERRCODE = '22004';
 	END IF;
-	SELECT * INTO o FROM mdd.object x WHERE x.id = object_id;
-	IF NOT FOUND THEN
+	IF NOT EXISTS (SELECT 1 FROM mdd.object x WHERE x.id = object_id) THEN
 		RAISE EXCEPTION 'object % does not exist', object_id USING ERRCODE = '42704';
 	END IF;
-	SELECT c.locator, c.storage INTO locator, s.id FROM mdd.copy c
-	JOIN mdd.storage s2 ON s2.id = c.storage
-	WHERE c.object = object_id AND c.state = 'present'
-	ORDER BY s2.tier = 'online' DESC, s2.id
-	LIMIT 1;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'object % has no readable copy', object_id USING ERRCODE = '58030';
-	END IF;
-	SELECT * INTO s FROM mdd.storage x WHERE x.id = s.id;
-	IF verify OR s.kind <> 'large_object' THEN
-		RETURN mdd._read_verified(object_id, NULL);
-	END IF;
-	data := mdd._get(s, locator);
-	IF length(data) <> o.size THEN
-		RAISE EXCEPTION 'object % is corrupt in storage "%"', object_id, s.name
-			USING ERRCODE = 'XX001',
-				  DETAIL = format('Expected %s bytes with SHA-256 %s, read %s bytes with SHA-256 %s.',
-								  o.size, encode(o.sha256, 'hex'), length(data),
-								  encode(sha256(data), 'hex'));
-	END IF;
-	RETURN data;
+	RETURN mdd._read_verified(object_id, NULL, coalesce(verify, false));
 END;
 $$;
 
