@@ -154,15 +154,16 @@ mdd_make_directories(const char *path, List **created)
 }
 
 /*
- * Write len bytes to path through a temporary file renamed over it.  With
- * durable, the file and its directory are flushed before returning; without,
- * the caller flushes them later (see storage_file.c).
+ * Write len bytes to path through a temporary file renamed over it: tmp,
+ * or "path.tmp.PID" when tmp is NULL.  With durable, the file and its
+ * directory are flushed before returning; without, the caller flushes them
+ * later (see storage_file.c).
  */
 void
-mdd_write_file_atomically(const char *path, const char *data, Size len,
-						  bool durable)
+mdd_write_file_atomically(const char *path, const char *tmp_path, const char *data,
+						  Size len, bool durable)
 {
-	char	   *tmp = psprintf("%s.tmp.%d", path, MyProcPid);
+	char	   *tmp = tmp_path ? pstrdup(tmp_path) : psprintf("%s.tmp.%d", path, MyProcPid);
 	Size		done = 0;
 	int			fd;
 
@@ -283,7 +284,7 @@ mdd_write_file_sql(PG_FUNCTION_ARGS)
 					 errmsg("file \"%s\" already exists", path),
 					 errhint("Pass overwrite => true to replace it.")));
 	}
-	mdd_write_file_atomically(path, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), true);
+	mdd_write_file_atomically(path, NULL, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), true);
 	PG_RETURN_INT64((int64) VARSIZE_ANY_EXHDR(data));
 }
 

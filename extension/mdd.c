@@ -126,9 +126,6 @@ _PG_init(void)
 							0,
 							NULL, NULL, NULL);
 
-	define_network_settings();
-	MarkGUCPrefixReserved("mdd");
-
 	DefineCustomIntVariable("mdd.job_workers",
 							"Number of job runner processes (archive, restore ...).",
 							NULL,
@@ -147,6 +144,9 @@ _PG_init(void)
 							   PGC_SUSET,
 							   0,
 							   NULL, NULL, NULL);
+
+	define_network_settings();
+	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
 	mdd_tally_init();

@@ -22,8 +22,8 @@ extern char *mdd_checked_directory(text *path, bool writable);
 
 /* file_io.c: whole-file helpers shared by export and the file storage */
 extern bytea *mdd_read_whole_file(const char *path);
-extern void mdd_write_file_atomically(const char *path, const char *data,
-									  Size len, bool durable);
+extern void mdd_write_file_atomically(const char *path, const char *tmp_path,
+									  const char *data, Size len, bool durable);
 extern void mdd_fsync_path(const char *path, bool is_dir);
 extern void mdd_make_directories(const char *path, List **created);
 

@@ -14,6 +14,11 @@
  * wrote it) aborts, the blob is unlinked.  A crash in between can leave an
  * unreferenced blob behind, never a referenced blob missing.
  *
+ * Deleting a blob (mdd._file_delete) is not deferred: the file is
+ * unlinked and its directory flushed at once.  Whoever deletes decides
+ * when the catalog stops pointing at it (see "Archive and restore" in the
+ * design notes).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -33,6 +38,7 @@
 
 PG_FUNCTION_INFO_V1(mdd_file_put_sql);
 PG_FUNCTION_INFO_V1(mdd_file_get_sql);
+PG_FUNCTION_INFO_V1(mdd_file_delete_sql);
 
 /* above this many pending blobs, one syncfs() replaces per-file fsyncs */
 #define MDD_SYNCFS_THRESHOLD 16
@@ -210,6 +216,31 @@ mdd_storage_file_init(void)
 	RegisterSubXactCallback(file_storage_subxact_callback, NULL);
 }
 
+/*
+ * The temporary name a blob is written under before it is renamed to
+ * path.  It is the same for every write of that blob (a blob's path names
+ * its object, and one transaction at a time writes an object), so what a
+ * write cut short by a crash left is found without searching.
+ */
+static char *
+temporary_path(const char *path)
+{
+	return psprintf("%s.tmp", path);
+}
+
+/* remove the temporary file a write of path cut short left, if any */
+static void
+remove_stale_temporary(const char *path)
+{
+	char	   *tmp = temporary_path(path);
+
+	if (unlink(tmp) != 0 && errno != ENOENT)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not remove \"%s\": %m", tmp)));
+	pfree(tmp);
+}
+
 /* root/relpath, refusing relative paths that could climb out of root */
 static char *
 blob_path(text *root_t, text *rel_t)
@@ -263,7 +294,12 @@ mdd_file_put_sql(PG_FUNCTION_ARGS)
 	if (stat(dir, &st) != 0)
 		mdd_make_directories(dir, &created);
 
-	mdd_write_file_atomically(path, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), false);
+	{
+		char	   *tmp = temporary_path(path);
+
+		mdd_write_file_atomically(path, tmp, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), false);
+		pfree(tmp);
+	}
 
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	b = palloc(sizeof(PendingBlob));
@@ -296,4 +332,53 @@ mdd_file_get_sql(PG_FUNCTION_ARGS)
 				 errmsg("storage root and locator must not be NULL")));
 	PG_RETURN_BYTEA_P(mdd_read_whole_file(blob_path(PG_GETARG_TEXT_PP(0),
 													PG_GETARG_TEXT_PP(1))));
+}
+
+/*
+ * mdd._file_delete(root text, locator text) RETURNS boolean
+ *
+ * Remove a blob of the file storage rooted at root, at once, and flush
+ * its directory so that the removal survives a crash.  Returns false when
+ * there was no such blob.  A blob written earlier in the same transaction
+ * is no longer flushed (nor unlinked again) at its end.
+ */
+Datum
+mdd_file_delete_sql(PG_FUNCTION_ARGS)
+{
+	char	   *path;
+	char	   *dir;
+	ListCell   *lc;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("storage root and locator must not be NULL")));
+	path = blob_path(PG_GETARG_TEXT_PP(0), PG_GETARG_TEXT_PP(1));
+
+	remove_stale_temporary(path);
+	if (unlink(path) != 0)
+	{
+		if (errno == ENOENT)
+			PG_RETURN_BOOL(false);
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not remove blob \"%s\": %m", path)));
+	}
+
+	foreach(lc, pending_blobs)
+	{
+		PendingBlob *b = (PendingBlob *) lfirst(lc);
+
+		if (strcmp(b->path, path) != 0)
+			continue;
+		pfree(b->path);
+		pfree(b->root);
+		pfree(b);
+		pending_blobs = foreach_delete_current(pending_blobs, lc);
+	}
+
+	dir = pstrdup(path);
+	*strrchr(dir, '/') = '\0';
+	mdd_fsync_path(dir, true);
+	PG_RETURN_BOOL(true);
 }

@@ -63,6 +63,11 @@ BEGIN
 		IF s IN ('done', 'failed', 'cancelled') THEN
 			RETURN s;
 		END IF;
+		IF EXISTS (SELECT 1 FROM mdd.job x WHERE x.id = wait.job
+				   AND x.xmin::text::bigint = pg_current_xact_id_if_assigned()::text::bigint % 4294967296) THEN
+			RAISE EXCEPTION 'job % was queued by this transaction', wait.job
+				USING ERRCODE = '55000', HINT = 'Commit, then wait for it: the runners start on it at commit.';
+		END IF;
 		IF clock_timestamp() >= deadline THEN
 			RAISE EXCEPTION 'job % is still %, after waiting %', wait.job, s, timeout
 				USING ERRCODE = '57014';

@@ -258,8 +258,12 @@ DECLARE
 	back bytea;
 	c record;
 	releasing boolean;
+	moved bigint[] := '{}';			-- objects now on the target
+	released bigint[] := '{}';		-- of those, the ones with copies left to delete
+	written bigint := 0;
+	failures int := 0;
 BEGIN
-	FOR it IN SELECT o.id, o.size, o.sha256, o.patient
+	FOR it IN SELECT o.id, o.size, o.sha256
 			  FROM mdd.job_item i JOIN mdd.object o ON o.id = i.object
 			  WHERE i.job = j.id AND i.state = 'copying' ORDER BY i.object
 	LOOP
@@ -274,6 +278,7 @@ BEGIN
 					PERFORM mdd._delete(target, mdd._locator(target, it.id, it.sha256));
 					loc := mdd._put(target, it.id, it.sha256, data);
 				END;
+				data := NULL;
 				IF verify THEN
 					back := mdd._get(target, loc);
 					IF length(back) <> it.size OR sha256(back) <> it.sha256 THEN
@@ -290,8 +295,7 @@ BEGIN
 						CASE WHEN verify THEN now() END)
 				ON CONFLICT (object, storage) DO UPDATE
 					SET locator = excluded.locator, state = 'present', verified_at = excluded.verified_at;
-				data := NULL;
-				UPDATE mdd.job x SET bytes = x.bytes + it.size WHERE x.id = j.id;
+				written := written + it.size;
 			END IF;
 
 			-- release the copies on the tier the object leaves
@@ -312,23 +316,33 @@ BEGIN
 					releasing := true;
 				END IF;
 			END LOOP;
-			UPDATE mdd.object o SET archived_at = CASE WHEN j.kind = 'archive' THEN now() END
-			WHERE o.id = it.id;
-			UPDATE mdd.job_item i SET state = CASE WHEN releasing THEN 'releasing' ELSE 'done' END
-			WHERE i.job = j.id AND i.object = it.id;
-			UPDATE mdd.job x SET done = x.done + 1 WHERE x.id = j.id;
-			PERFORM mdd._audit(j.kind, it.id, (SELECT p.patient_id FROM mdd.patient p WHERE p.id = it.patient),
-							   format('job %s: to storage %s', j.id, target.name), j.client);
+			moved := moved || it.id;
+			IF releasing THEN
+				released := released || it.id;
+			END IF;
 		EXCEPTION WHEN OTHERS THEN
 			IF mdd._transient(SQLSTATE) THEN
 				RAISE;
 			END IF;
 			UPDATE mdd.job_item i SET state = 'failed', error = format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE)
 			WHERE i.job = j.id AND i.object = it.id;
-			UPDATE mdd.job x SET failed = x.failed + 1 WHERE x.id = j.id;
+			failures := failures + 1;
 			PERFORM mdd._undo_copy(it.id, target);
 		END;
 	END LOOP;
+
+	-- the bookkeeping of the batch, once
+	UPDATE mdd.object o SET archived_at = CASE WHEN j.kind = 'archive' THEN now() END
+	WHERE o.id = ANY (moved);
+	UPDATE mdd.job_item i SET state = CASE WHEN i.object = ANY (released) THEN 'releasing' ELSE 'done' END
+	WHERE i.job = j.id AND i.object = ANY (moved);
+	UPDATE mdd.job x SET done = x.done + cardinality(moved), failed = x.failed + failures,
+		   bytes = x.bytes + written
+	WHERE x.id = j.id;
+	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
+	SELECT mdd._caller(), j.kind, o.id, p.patient_id, format('job %s: to storage %s', j.id, target.name),
+		   j.client
+	FROM unnest(moved) m(id) JOIN mdd.object o ON o.id = m.id JOIN mdd.patient p ON p.id = o.patient;
 END;
 $$;
 

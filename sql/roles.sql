@@ -32,7 +32,7 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text) TO mdd_operator;
 
 -- administrators: storages, the audit trail, the catalog tables for reports
-GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb),
+GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
 	mdd.add_node(text, text, text, integer, jsonb) TO mdd_admin;
 GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
 	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item TO mdd_admin;

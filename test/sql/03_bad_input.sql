@@ -306,10 +306,10 @@ SELECT throws_ok(format('SELECT mdd.add_storage(%L, %L, %L, %L)', 't03', 'file',
 				 '22023', NULL, 'mdd.add_storage of a file storage with fanout 9 raises 22023');
 SELECT throws_ok($$SELECT mdd.add_storage('online', 'large_object', 'online')$$, '42710', NULL,
 				 'mdd.add_storage of an existing name raises 42710');
-SELECT throws_ok($$SELECT mdd.add_storage('t03', 'http', 'archive', '{"url": "http://localhost/"}')$$, '0A000', NULL,
-				 'mdd.add_storage of kind http raises 0A000');
-SELECT throws_ok($$SELECT mdd.add_storage('t03', 's3', 'archive', '{"bucket": "b"}')$$, '0A000', NULL,
-				 'mdd.add_storage of kind s3 raises 0A000');
+SELECT throws_ok($$SELECT mdd.add_storage('t03', 'http', 'archive', '{"url": "http://mdd:pw@localhost/"}')$$, '22023', NULL,
+				 'mdd.add_storage of an http storage with credentials in its url raises 22023');
+SELECT throws_ok($$SELECT mdd.add_storage('t03', 's3', 'archive', '{"bucket": "b"}')$$, '22023', NULL,
+				 'mdd.add_storage of an s3 storage without endpoint and keys raises 22023');
 SELECT throws_ok($$SELECT mdd.add_storage('bad name/1', 'large_object', 'archive')$$, '22023', NULL,
 				 'mdd.add_storage of an invalid name raises 22023');
 SELECT throws_ok($$SELECT mdd.add_storage(NULL, 'large_object', 'archive')$$, '22004', NULL,
