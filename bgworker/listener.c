@@ -69,25 +69,6 @@ run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls
 		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
 }
 
-static void
-begin_work(const char *activity)
-{
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-static void
-end_work(void)
-{
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_stat(false);
-}
-
 /*
  * Abort after a caught error; returns the error, copied into the peer's
  * scratch context.
@@ -122,7 +103,7 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 		values[0] = CStringGetTextDatum(calling_ae);
 		values[1] = CStringGetTextDatum(called_ae);
 		values[2] = CStringGetTextDatum(peer->host);	/* what the socket says */
-		begin_work("DICOM association request");
+		mdd_worker_begin_transaction("DICOM association request");
 		run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
 		if (SPI_processed == 1)
 		{
@@ -133,7 +114,7 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 			if (r)
 				strlcpy(reason, r, reason_len);
 		}
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -192,7 +173,7 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 			ereport(ERROR,
 					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 					 errmsg("object of %zu bytes is too large", len)));
-		begin_work("DICOM C-STORE");
+		mdd_worker_begin_transaction("DICOM C-STORE");
 		bytes = (bytea *) palloc(VARHDRSZ + len);
 		SET_VARSIZE(bytes, VARHDRSZ + len);
 		memcpy(VARDATA(bytes), data, len);
@@ -201,7 +182,7 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 		values[2] = CStringGetTextDatum(peer->host);
 		values[3] = CStringGetTextDatum(sop_instance_uid);
 		run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -244,7 +225,7 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 		values[0] = CStringGetTextDatum(model);
 		values[1] = CStringGetTextDatum(level);
 		values[2] = CStringGetTextDatum(keys_json);
-		begin_work("DICOM C-FIND");
+		mdd_worker_begin_transaction("DICOM C-FIND");
 		run_sql("SELECT m.n - 1, e.key, e.value"
 				" FROM jsonb_array_elements(mdd._dicom_find($1, $2, $3::jsonb))"
 				"      WITH ORDINALITY AS m(row, n),"
@@ -279,7 +260,7 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 			p += strlen(strcpy(p, v ? v : "")) + 1;
 			result->nrows = Max(result->nrows, row + 1);
 		}
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -332,7 +313,7 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 			nulls[4] = 'n';
 		values[5] = CStringGetTextDatum(peer->calling_ae);
 		values[6] = CStringGetTextDatum(peer->host);
-		begin_work(operation);
+		mdd_worker_begin_transaction(operation);
 		run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
 				" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
 				7, types, values, nulls);
@@ -366,7 +347,7 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 				p += strlen(strcpy(p, v ? v : "")) + 1;
 			}
 		}
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -405,11 +386,11 @@ destination_callback(void *arg, const char *ae_title, char *host, size_t host_le
 		bool		isnull;
 
 		values[0] = CStringGetTextDatum(ae_title);
-		begin_work("DICOM C-MOVE");
+		mdd_worker_begin_transaction("DICOM C-MOVE");
 		run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
 		strlcpy(host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), host_len);
 		*port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -446,7 +427,7 @@ fetch_callback(void *arg, long long object_id, const char *operation,
 		bytea	   *bytes;
 
 		values[0] = Int64GetDatum(object_id);
-		begin_work(operation);
+		mdd_worker_begin_transaction(operation);
 		run_sql("SELECT mdd._dicom_fetch($1)", 1, types, values, NULL);
 		bytes = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 		*len = VARSIZE_ANY_EXHDR(bytes);
@@ -454,7 +435,7 @@ fetch_callback(void *arg, long long object_id, const char *operation,
 		if (*data == NULL)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 		memcpy(*data, VARDATA_ANY(bytes), *len);
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{
@@ -491,9 +472,9 @@ audit_callback(void *arg, const char *action, const char *detail)
 		values[1] = CStringGetTextDatum(detail);
 		values[2] = CStringGetTextDatum(peer->calling_ae);
 		values[3] = CStringGetTextDatum(peer->host);
-		begin_work("DICOM audit");
+		mdd_worker_begin_transaction("DICOM audit");
 		run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
-		end_work();
+		mdd_worker_commit_transaction();
 	}
 	PG_CATCH();
 	{

@@ -38,22 +38,9 @@
 static int	runner_number;
 
 static void
-begin_step(const char *activity)
-{
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-static void
 end_step(void)
 {
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_stat(false);
+	mdd_worker_commit_transaction();
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
@@ -74,7 +61,7 @@ run_step(const char *activity, const char *sql, int64 arg, bool has_arg, ErrorDa
 		Oid			types[1] = {INT8OID};
 		Datum		values[1] = {Int64GetDatum(arg)};
 
-		begin_step(activity);
+		mdd_worker_begin_transaction(activity);
 		if (SPI_execute_with_args(sql, has_arg ? 1 : 0, types, values, NULL, false, 1) < 0)
 			elog(ERROR, "SPI_execute_with_args failed for \"%s\"", sql);
 		if (SPI_processed == 1)
@@ -115,7 +102,7 @@ report_failure(int64 job, ErrorData *edata)
 		values[0] = Int64GetDatum(job);
 		values[1] = CStringGetTextDatum(unpack_sql_state(edata->sqlerrcode));
 		values[2] = CStringGetTextDatum(edata->message);
-		begin_step("recording a job failure");
+		mdd_worker_begin_transaction("recording a job failure");
 		if (SPI_execute_with_args("SELECT mdd._job_error($1, $2, $3)", 3, types, values,
 								  NULL, false, 0) < 0)
 			elog(ERROR, "could not record the failure of job " INT64_FORMAT, job);

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * worker_common.c
- *	  What every mdd background worker does the same way: signal handling
- *	  and configuration reloads.
+ *	  What every mdd background worker does the same way: signal handling,
+ *	  configuration reloads, and transactions around SPI calls.
  *
  * SIGTERM sets a flag and the latch: workers check the flag in their loops
  * (and the DICOM association loop between messages), so that work is never
@@ -16,11 +16,16 @@
 #include <signal.h>
 #include <sys/socket.h>
 
+#include "access/xact.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/latch.h"
 #include "utils/guc.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 
 #include "workers.h"
 
@@ -74,4 +79,25 @@ mdd_worker_reload_if_asked(void)
 		mdd_got_sighup = false;
 		ProcessConfigFile(PGC_SIGHUP);
 	}
+}
+
+/* start a transaction with SPI and a snapshot, showing activity */
+void
+mdd_worker_begin_transaction(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/* commit what mdd_worker_begin_transaction began */
+void
+mdd_worker_commit_transaction(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
 }

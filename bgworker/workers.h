@@ -47,5 +47,7 @@ extern volatile sig_atomic_t mdd_got_sighup;
 extern volatile sig_atomic_t mdd_connection_fd;	/* shut down on SIGTERM */
 extern void mdd_worker_setup_signals(void);
 extern void mdd_worker_reload_if_asked(void);
+extern void mdd_worker_begin_transaction(const char *activity);
+extern void mdd_worker_commit_transaction(void);
 
 #endif							/* MDD_WORKERS_H */

@@ -66,6 +66,8 @@ public:
 
 private:
 	bool		respond(DIC_US status, const std::string &comment, bool final);
+	template <typename Response>
+	void		fill(Response &rsp, DIC_US status, bool withIdentifier, unsigned opts) const;
 	bool		refuse(DIC_US status, const std::string &comment);
 	bool		sendAll(T_ASC_Association *target, int fd, const RetrieveList &list);
 	std::string model() const;
@@ -137,33 +139,32 @@ Retrieval::respond(DIC_US status, const std::string &comment, bool final)
 	{
 		T_DIMSE_C_GetRSP rsp;
 
-		memset(&rsp, 0, sizeof(rsp));
-		rsp.MessageIDBeingRespondedTo = messageID_;
-		rsp.DimseStatus = status;
-		rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
-		OFStandard::strlcpy(rsp.AffectedSOPClassUID, sopClass_.c_str(), sizeof(rsp.AffectedSOPClassUID));
-		rsp.NumberOfRemainingSubOperations = SubOperations::clip(ops_.remaining);
-		rsp.NumberOfCompletedSubOperations = SubOperations::clip(ops_.completed);
-		rsp.NumberOfFailedSubOperations = SubOperations::clip(ops_.failed);
-		rsp.NumberOfWarningSubOperations = SubOperations::clip(ops_.warning);
-		rsp.opts = O_GET_AFFECTEDSOPCLASSUID | opts;
+		fill(rsp, status, ids != NULL, O_GET_AFFECTEDSOPCLASSUID | opts);
 		return DIMSE_sendGetResponse(sa_.assoc, presID_, get_, &rsp, ids,
 									 comment.empty() ? NULL : &detail).good();
 	}
 	T_DIMSE_C_MoveRSP rsp;
 
+	fill(rsp, status, ids != NULL, O_MOVE_AFFECTEDSOPCLASSUID | opts);
+	return DIMSE_sendMoveResponse(sa_.assoc, presID_, move_, &rsp, ids,
+								  comment.empty() ? NULL : &detail).good();
+}
+
+/* the fields a C-MOVE-RSP and a C-GET-RSP share */
+template <typename Response>
+void
+Retrieval::fill(Response &rsp, DIC_US status, bool withIdentifier, unsigned opts) const
+{
 	memset(&rsp, 0, sizeof(rsp));
 	rsp.MessageIDBeingRespondedTo = messageID_;
 	rsp.DimseStatus = status;
-	rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
+	rsp.DataSetType = withIdentifier ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
 	OFStandard::strlcpy(rsp.AffectedSOPClassUID, sopClass_.c_str(), sizeof(rsp.AffectedSOPClassUID));
 	rsp.NumberOfRemainingSubOperations = SubOperations::clip(ops_.remaining);
 	rsp.NumberOfCompletedSubOperations = SubOperations::clip(ops_.completed);
 	rsp.NumberOfFailedSubOperations = SubOperations::clip(ops_.failed);
 	rsp.NumberOfWarningSubOperations = SubOperations::clip(ops_.warning);
-	rsp.opts = O_MOVE_AFFECTEDSOPCLASSUID | opts;
-	return DIMSE_sendMoveResponse(sa_.assoc, presID_, move_, &rsp, ids,
-								  comment.empty() ? NULL : &detail).good();
+	rsp.opts = opts;
 }
 
 /* a final failure before any sub-operation, written to the audit trail */

@@ -104,8 +104,9 @@ END;
 $$;
 
 -- The next job a runner may take: queued, running (after a restart), or
--- cancelled or failed with copies to undo; due, and not held by another runner (a session advisory lock that the
--- runner keeps while it works on the job).  NULL when there is none.
+-- cancelled or failed with copies to undo; due; and not held by another
+-- runner (a session advisory lock that the runner keeps while it works on
+-- the job).  NULL when there is none.
 CREATE FUNCTION mdd._claim_job() RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
