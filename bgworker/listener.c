@@ -34,6 +34,7 @@
 #include "storage/pmsignal.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -202,9 +203,31 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 	return status;
 }
 
+/* the elements of a text[] (NULL elements as NULL pointers) */
+static int
+text_array_elements(HeapTuple tuple, TupleDesc desc, char ***values)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, 1, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+
+	*values = NULL;
+	if (isnull)
+		return 0;
+	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	*values = palloc(sizeof(char *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		(*values)[i] = nulls[i] ? NULL : TextDatumGetCString(elems[i]);
+	return n;
+}
+
 /*
- * C-FIND: the matches of mdd._dicom_find, flattened to (row, keyword,
- * value) and copied into malloc()ed memory that the C++ side frees.
+ * C-FIND: the matches of mdd._dicom_find (a row of keywords, then a row of
+ * values per match), flattened to (row, keyword, value) items in
+ * malloc()ed memory that the C++ side frees.  NULL values are left out.
  */
 static unsigned short
 find_callback(void *arg, const char *model, const char *level, const char *keys_json,
@@ -220,45 +243,67 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
 		Datum		values[3];
 		size_t		total = 0;
+		size_t		nitems = 0;
+		char	  **names;
+		int			nnames;
 		char	   *p;
 
 		values[0] = CStringGetTextDatum(model);
 		values[1] = CStringGetTextDatum(level);
 		values[2] = CStringGetTextDatum(keys_json);
 		mdd_worker_begin_transaction("DICOM C-FIND");
-		run_sql("SELECT m.n - 1, e.key, e.value"
-				" FROM jsonb_array_elements(mdd._dicom_find($1, $2, $3::jsonb))"
-				"      WITH ORDINALITY AS m(row, n),"
-				"      jsonb_each_text(m.row) AS e"
-				" ORDER BY m.n", 3, types, values, NULL);
+		run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
+		if (SPI_processed < 1)
+			elog(ERROR, "mdd._dicom_find returned no keyword row");
+		nnames = text_array_elements(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &names);
 
-		for (uint64 i = 0; i < SPI_processed; i++)
+		/* the values, converted once; then one allocation for all */
 		{
-			char	   *k = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
-			char	   *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3);
+			char	 ***rows = palloc(sizeof(char **) * Max(SPI_processed, 1));
 
-			total += strlen(k) + 1 + (v ? strlen(v) : 0) + 1;
-		}
-		result->items = malloc(sizeof(MddFindItem) * Max(SPI_processed, 1));
-		result->strings = malloc(Max(total, 1));
-		if (result->items == NULL || result->strings == NULL)
-			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-		p = result->strings;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	t = SPI_tuptable->vals[i];
-			bool		isnull;
-			int			row = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
-			char	   *k = SPI_getvalue(t, SPI_tuptable->tupdesc, 2);
-			char	   *v = SPI_getvalue(t, SPI_tuptable->tupdesc, 3);
-			MddFindItem *item = &result->items[result->nitems++];
+			for (uint64 r = 1; r < SPI_processed; r++)
+			{
+				int			n = text_array_elements(SPI_tuptable->vals[r], SPI_tuptable->tupdesc,
+													&rows[r]);
 
-			item->row = row;
-			item->keyword = p;
-			p += strlen(strcpy(p, k)) + 1;
-			item->value = p;
-			p += strlen(strcpy(p, v ? v : "")) + 1;
-			result->nrows = Max(result->nrows, row + 1);
+				for (int k = 0; k < Min(n, nnames); k++)
+					if (rows[r][k] != NULL)
+					{
+						total += strlen(rows[r][k]) + 1;
+						nitems++;
+					}
+			}
+			for (int k = 0; k < nnames; k++)
+				total += strlen(names[k]) + 1;
+
+			result->items = malloc(sizeof(MddFindItem) * Max(nitems, 1));
+			result->strings = malloc(Max(total, 1));
+			if (result->items == NULL || result->strings == NULL)
+				ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+			p = result->strings;
+			for (int k = 0; k < nnames; k++)
+			{
+				char	   *copy = p;
+
+				p += strlen(strcpy(p, names[k])) + 1;
+				names[k] = copy;	/* keywords point into the result's strings */
+			}
+			for (uint64 r = 1; r < SPI_processed; r++)
+			{
+				for (int k = 0; k < nnames; k++)
+				{
+					MddFindItem *item;
+
+					if (rows[r] == NULL || rows[r][k] == NULL)
+						continue;
+					item = &result->items[result->nitems++];
+					item->row = (int) (r - 1);
+					item->keyword = names[k];
+					item->value = p;
+					p += strlen(strcpy(p, rows[r][k])) + 1;
+				}
+			}
+			result->nrows = (int) (SPI_processed - 1);
 		}
 		mdd_worker_commit_transaction();
 	}

@@ -68,7 +68,7 @@ extern void mdd_dicom_free_json(char *json);
 typedef struct MddFindItem
 {
 	int			row;
-	const char *keyword;		/* DICOM keyword, e.g. "StudyInstanceUID" */
+	const char *keyword;		/* DICOM keyword, e.g. "StudyInstanceUID"; rows share one string per keyword */
 	const char *value;			/* UTF-8 */
 } MddFindItem;
 

@@ -36,6 +36,8 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace
@@ -358,6 +360,7 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 	bool		ok = true;
 	bool		cancelled = false;
 	int			item = 0;
+	std::unordered_map<const char *, std::pair<bool, DcmTag>> tags;
 
 	for (int row = 0; row < result.nrows && ok; row++)
 	{
@@ -375,10 +378,19 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 			match.insertEmptyElement(key);
 		for (; item < result.nitems && result.items[item].row == row; item++)
 		{
-			DcmTag		tag;
+			/* a keyword's text is shared by all rows: look its tag up once */
+			const char *keyword = result.items[item].keyword;
+			auto		known = tags.find(keyword);
 
-			if (DcmTag::findTagFromName(result.items[item].keyword, tag).good())
-				match.putAndInsertString(tag, result.items[item].value);
+			if (known == tags.end())
+			{
+				DcmTag		tag;
+				bool		found = DcmTag::findTagFromName(keyword, tag).good();
+
+				known = tags.emplace(keyword, std::make_pair(found, tag)).first;
+			}
+			if (known->second.first)
+				match.putAndInsertString(known->second.second, result.items[item].value);
 		}
 
 		memset(&rsp, 0, sizeof(rsp));

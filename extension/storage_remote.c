@@ -838,7 +838,7 @@ undo_puts(SubTransactionId subid, bool all)
 		ereport(WARNING,
 				(errcode(ERRCODE_WARNING),
 				 errmsg("%d blobs written by an aborted transaction stay on remote storages", left),
-				 errdetail("They are not referenced by the catalog.")));
+				 errdetail("No present copy refers to them; a copy still recorded as being written is cleaned up with its job or at a runner's start.")));
 	list_free(unreachable);
 }
 

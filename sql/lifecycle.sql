@@ -152,10 +152,13 @@ BEGIN
 	FOR it IN SELECT i.object, o.size, o.sha256
 			  FROM mdd.job_item i JOIN mdd.object o ON o.id = i.object
 			  WHERE i.job = j.id AND i.state = 'pending'
-				-- not while another job is moving the same object
+				-- not while another job is moving the same object, nor while
+				-- an ended one still has to undo a copy where this one writes
 				AND NOT EXISTS (SELECT 1 FROM mdd.job_item k JOIN mdd.job x ON x.id = k.job
 								WHERE k.object = i.object AND k.job <> j.id
-								  AND k.state IN ('copying', 'releasing'))
+								  AND k.state IN ('copying', 'releasing')
+								  AND (x.state IN ('queued', 'running')
+									   OR k.state = 'copying' AND x.storage = j.storage))
 			  ORDER BY i.object
 			  FOR UPDATE OF i
 	LOOP
@@ -275,7 +278,7 @@ BEGIN
 					loc := mdd._put(target, it.id, it.sha256, data);
 				EXCEPTION WHEN duplicate_file THEN
 					-- left by an attempt cut short (the copy is still 'writing'): write it anew
-					PERFORM mdd._delete(target, mdd._locator(target, it.id, it.sha256));
+					PERFORM mdd._delete(target, mdd._locator(target, it.id, it.sha256), true);
 					loc := mdd._put(target, it.id, it.sha256, data);
 				END;
 				IF verify THEN
@@ -358,7 +361,7 @@ BEGIN
 	SELECT c.locator INTO loc FROM mdd.copy c
 	WHERE c.object = obj AND c.storage = target.id AND c.state = 'writing' FOR UPDATE;
 	IF FOUND THEN
-		PERFORM mdd._delete(target, loc);
+		PERFORM mdd._delete(target, loc, true);
 		DELETE FROM mdd.copy c WHERE c.object = obj AND c.storage = target.id;
 	END IF;
 END;
@@ -428,9 +431,15 @@ BEGIN
 	END IF;
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'pending') THEN
 		IF mdd._prepare_items(j, target) = 0 THEN
-			UPDATE mdd.job x SET next_attempt_at = now() + interval '1 s' WHERE x.id = j.id;
+			UPDATE mdd.job x SET next_attempt_at = now() + interval '1 s',
+				   error = (SELECT format('waiting for job %s, which is moving or undoing the same objects', k.job)
+							FROM mdd.job_item i JOIN mdd.job_item k ON k.object = i.object AND k.job <> i.job
+							WHERE i.job = j.id AND i.state = 'pending' AND k.state IN ('copying', 'releasing')
+							LIMIT 1)
+			WHERE x.id = j.id;
 			RETURN 'wait';
 		END IF;
+		UPDATE mdd.job x SET error = NULL WHERE x.id = j.id AND x.error LIKE 'waiting for job %';
 		RETURN 'more';
 	END IF;
 
@@ -468,7 +477,7 @@ BEGIN
 								 AND (cp.state = 'releasing' OR j.storage = cp.storage))
 			 FOR UPDATE OF cp SKIP LOCKED
 	LOOP
-		PERFORM mdd._delete(c.s, c.locator);
+		PERFORM mdd._delete(c.s, c.locator, c.state = 'writing');
 		DELETE FROM mdd.copy cp WHERE cp.object = c.object AND cp.storage = (c.s).id;
 		n := n + 1;
 	END LOOP;

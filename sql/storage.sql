@@ -494,7 +494,8 @@ $$;
 -- remove (so that undoing a half-done copy can be repeated).  At once, not
 -- at commit, except for large objects, whose unlink is transactional.  A
 -- read-only storage is left as it is (25006).
-CREATE FUNCTION mdd._delete(s mdd.storage, locator text) RETURNS boolean
+CREATE FUNCTION mdd._delete(s mdd.storage, locator text, unfinished boolean DEFAULT false)
+RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -503,7 +504,9 @@ BEGIN
 	IF locator IS NULL THEN
 		RETURN false;
 	END IF;
-	IF s.read_only THEN
+	-- a read-only storage keeps its blobs, but not what mdd began to write
+	-- there and did not finish (unfinished: a copy still 'writing')
+	IF s.read_only AND NOT unfinished THEN
 		RAISE EXCEPTION 'storage "%" is read-only', s.name USING ERRCODE = '25006',
 			DETAIL = format('Blob %s stays.', locator);
 	END IF;
