@@ -2,7 +2,8 @@
 # The demo behind `make demo`: builds and installs mdd, starts a private
 # PostgreSQL cluster under .demo/, creates the extension, generates a
 # sample radiotherapy patient (planning CT, structure set, plan, dose, CBCT,
-# a PDF), archives it and shows what a user would look at first.
+# a PDF), archives it, moves its CBCT to an archive-tier file storage with a
+# job, and shows what a user would look at first.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,6 +55,22 @@ q -c "SELECT r.modality, r.sop_class_uid, r.series_description, pg_size_pretty(r
                      WHERE patient_id = 'RT-DEMO-001' AND modality = 'CT'
                        AND series_description LIKE 'Planning CT%')
       ORDER BY r.id"
+
+echo "== archiving the CBCT series to a file storage of the archive tier (a job)"
+mkdir -p "$demo/archive"
+[[ $(id -u) -eq 0 ]] && chown postgres: "$demo/archive"
+q -c "SELECT mdd.add_storage('demo_archive', 'file', 'archive', '{\"root\": \"$demo/archive\"}')
+      WHERE NOT EXISTS (SELECT 1 FROM mdd.storages WHERE name = 'demo_archive')" >/dev/null
+job=$(q -tA -c "SELECT mdd.archive(array_agg(id), 'demo_archive') FROM mdd.objects
+                WHERE patient_id = 'RT-DEMO-001' AND series_description LIKE 'CBCT%' AND tier = 'online'
+                HAVING count(*) > 0")
+if [[ -n $job ]]; then
+	q -c "SELECT mdd.wait($job) AS job_$job"
+	q -c "SELECT id, kind, state, storage, total, done, failed, pg_size_pretty(bytes) AS moved
+	      FROM mdd.jobs WHERE id = $job"
+fi
+q -c "SELECT tier, count(*) AS objects, count(*) FILTER (WHERE mdd.read(id, true) IS NOT NULL) AS readable
+      FROM mdd.objects WHERE patient_id = 'RT-DEMO-001' GROUP BY tier ORDER BY tier"
 
 echo "== storage usage"
 q -c "SELECT name, kind, tier, objects, pg_size_pretty(bytes) AS size FROM mdd.storages"
