@@ -47,6 +47,10 @@ start)
 			for setting in "$@"; do echo "$setting"; done
 		} >> "$datadir/postgresql.conf"
 	fi
+	# already running (a demo started again): nothing to do
+	if as_owner "$bindir/pg_ctl" -D "$datadir" status >/dev/null 2>&1; then
+		exit 0
+	fi
 	as_owner "$bindir/pg_ctl" -D "$datadir" -l "$datadir/server.log" -w -t 60 start >/dev/null
 	;;
 stop)
