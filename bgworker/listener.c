@@ -27,6 +27,7 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -51,6 +52,28 @@ typedef struct Peer
 	char		calling_ae[20];
 	MemoryContext scratch;		/* reset after each callback */
 } Peer;
+
+/*
+ * Text that came from the wire (AE titles, UIDs, identifiers) as a text
+ * datum that is valid in the database encoding: if it is not, every byte
+ * outside printable ASCII becomes '?'.  AE titles and UIDs are ASCII by
+ * definition; a peer sending other bytes must not put invalid text into
+ * the catalog or the audit trail.
+ */
+static Datum
+wire_text_datum(const char *s)
+{
+	size_t		len = strlen(s);
+	char	   *copy;
+
+	if (pg_verifymbstr(s, len, true))
+		return CStringGetTextDatum(s);
+	copy = pstrdup(s);
+	for (char *p = copy; *p; p++)
+		if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7E)
+			*p = '?';
+	return CStringGetTextDatum(copy);
+}
 
 /* show the association served in pg_stat_activity */
 static void
@@ -95,15 +118,18 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 	volatile int permits = 0;
 
 	strlcpy(peer->calling_ae, calling_ae, sizeof(peer->calling_ae));
+	for (char *p = peer->calling_ae; *p; p++)
+		if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7E)
+			*p = '?';
 	PG_TRY();
 	{
 		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
 		Datum		values[3];
 		bool		isnull;
 
-		values[0] = CStringGetTextDatum(calling_ae);
-		values[1] = CStringGetTextDatum(called_ae);
-		values[2] = CStringGetTextDatum(peer->host);	/* what the socket says */
+		values[0] = wire_text_datum(calling_ae);
+		values[1] = wire_text_datum(called_ae);
+		values[2] = wire_text_datum(peer->host);	/* what the socket says */
 		mdd_worker_begin_transaction("DICOM association request");
 		run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
 		if (SPI_processed == 1)
@@ -179,9 +205,9 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 		SET_VARSIZE(bytes, VARHDRSZ + len);
 		memcpy(VARDATA(bytes), data, len);
 		values[0] = PointerGetDatum(bytes);
-		values[1] = CStringGetTextDatum(peer->calling_ae);
-		values[2] = CStringGetTextDatum(peer->host);
-		values[3] = CStringGetTextDatum(sop_instance_uid);
+		values[1] = wire_text_datum(peer->calling_ae);
+		values[2] = wire_text_datum(peer->host);
+		values[3] = wire_text_datum(sop_instance_uid);
 		run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
 		mdd_worker_commit_transaction();
 	}
@@ -248,9 +274,9 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 		int			nnames;
 		char	   *p;
 
-		values[0] = CStringGetTextDatum(model);
-		values[1] = CStringGetTextDatum(level);
-		values[2] = CStringGetTextDatum(keys_json);
+		values[0] = wire_text_datum(model);
+		values[1] = wire_text_datum(level);
+		values[2] = wire_text_datum(keys_json);
 		mdd_worker_begin_transaction("DICOM C-FIND");
 		run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
 		if (SPI_processed < 1)
@@ -349,15 +375,15 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 		size_t		total = 0;
 		char	   *p;
 
-		values[0] = CStringGetTextDatum(operation);
-		values[1] = CStringGetTextDatum(model);
-		values[2] = CStringGetTextDatum(level);
-		values[3] = CStringGetTextDatum(keys_json);
-		values[4] = CStringGetTextDatum(destination ? destination : "");
+		values[0] = wire_text_datum(operation);
+		values[1] = wire_text_datum(model);
+		values[2] = wire_text_datum(level);
+		values[3] = wire_text_datum(keys_json);
+		values[4] = wire_text_datum(destination ? destination : "");
 		if (destination == NULL)
 			nulls[4] = 'n';
-		values[5] = CStringGetTextDatum(peer->calling_ae);
-		values[6] = CStringGetTextDatum(peer->host);
+		values[5] = wire_text_datum(peer->calling_ae);
+		values[6] = wire_text_datum(peer->host);
 		mdd_worker_begin_transaction(operation);
 		run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
 				" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
@@ -430,7 +456,7 @@ destination_callback(void *arg, const char *ae_title, char *host, size_t host_le
 		Datum		values[1];
 		bool		isnull;
 
-		values[0] = CStringGetTextDatum(ae_title);
+		values[0] = wire_text_datum(ae_title);
 		mdd_worker_begin_transaction("DICOM C-MOVE");
 		run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
 		strlcpy(host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), host_len);
@@ -513,10 +539,10 @@ audit_callback(void *arg, const char *action, const char *detail)
 		Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 		Datum		values[4];
 
-		values[0] = CStringGetTextDatum(action);
-		values[1] = CStringGetTextDatum(detail);
-		values[2] = CStringGetTextDatum(peer->calling_ae);
-		values[3] = CStringGetTextDatum(peer->host);
+		values[0] = wire_text_datum(action);
+		values[1] = wire_text_datum(detail);
+		values[2] = wire_text_datum(peer->calling_ae);
+		values[3] = wire_text_datum(peer->host);
 		mdd_worker_begin_transaction("DICOM audit");
 		run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
 		mdd_worker_commit_transaction();

@@ -118,6 +118,7 @@ BEGIN
 					OR x.state IN ('cancelled', 'failed') AND x.finished_at IS NULL)
 			   AND coalesce(x.next_attempt_at, '-infinity') <= now()
 			 ORDER BY x.id
+			 FOR UPDATE SKIP LOCKED		-- a runner's step holds its job's row
 	LOOP
 		IF pg_try_advisory_lock(1296319521, j::int) THEN
 			RETURN j;

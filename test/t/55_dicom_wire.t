@@ -297,6 +297,16 @@ is_((how, got), ("aborted", ["A-ASSOCIATE-AC", "A-ABORT 2/6"]),
     "a PDV item longer than its P-DATA-TF: A-ABORT, invalid PDU parameter value")
 is_(query_value(conn, EMPTY_AE_ROWS), audits,
     "PDUs that are no association request leave no audit row with empty AE titles")
+# AE titles that are not ASCII: refused, and audited as valid text
+before_bad_ae = query_value(conn, "SELECT count(*) FROM mdd.audit")
+how, got = raw("latin-1 AE", w.associate_rq(b"MDD", b"BAD\xa0AE\xff", VERIFY), True)
+ok(how in ("closed", "aborted") or got[:1] == ["A-ASSOCIATE-RJ"],
+   "an association request from a calling AE title with bytes 0xA0 and 0xFF is refused", f"    {how} {got}")
+rows = query(conn, "SELECT action, detail, client FROM mdd.audit WHERE id > "
+                   "(SELECT max(id) FROM mdd.audit) - 5 AND client LIKE 'BAD%%'")
+ok(len(rows) >= 1 and all("\ufffd" not in r[2] and r[2].startswith("BAD?AE?") for r in rows),
+   "it is in the audit log with the bytes outside printable ASCII shown as '?'", f"    {rows}")
+ok(query_value(conn, "SELECT count(*) FROM mdd.audit") > before_bad_ae, "(one row more)")
 ok(wait_idle(), "after the bad PDUs the listeners go idle again")
 a = associate(VERIFY, "after the bad PDUs")
 is_(a.echo(1).get("Status"), w.STATUS_SUCCESS, "after the bad PDUs: C-ECHO works")
