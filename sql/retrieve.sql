@@ -35,6 +35,7 @@ DECLARE
 	unique_key text := (ARRAY['PatientID', 'StudyInstanceUID', 'SeriesInstanceUID',
 							  'SOPInstanceUID'])[q.lvl + 1];
 	n bigint;
+	ids bigint[];
 	patients text[];
 BEGIN
 	IF coalesce(btrim(keys->>unique_key), '') = '' OR keys->>unique_key ~ '[*?]' THEN
@@ -42,12 +43,15 @@ BEGIN
 			operation, level, unique_key
 			USING ERRCODE = '22023';
 	END IF;
-	RETURN QUERY EXECUTE format(
-		'SELECT o.id, o.sop_class_uid, o.sop_instance_uid, o.transfer_syntax_uid %s'
-		' AND o.kind = ''dicom'' ORDER BY o.series, o.id', q.from_where);
-	GET DIAGNOSTICS n = ROW_COUNT;
-	EXECUTE format('SELECT array_agg(DISTINCT p.patient_id) %s AND o.kind = ''dicom''', q.from_where)
-	INTO patients;
+	-- one matching pass: the objects in sending order, and their patients
+	EXECUTE format('SELECT array_agg(o.id ORDER BY o.series, o.id), array_agg(DISTINCT p.patient_id) %s'
+				   ' AND o.kind = ''dicom''', q.from_where)
+	INTO ids, patients;
+	n := coalesce(cardinality(ids), 0);
+	RETURN QUERY
+	SELECT o.id, o.sop_class_uid, o.sop_instance_uid, o.transfer_syntax_uid
+	FROM unnest(ids) WITH ORDINALITY AS x(id, pos) JOIN mdd.object o ON o.id = x.id
+	ORDER BY x.pos;
 	INSERT INTO mdd.audit (role, action, patient_id, detail, client)
 	VALUES (mdd._caller(), lower(operation),
 			CASE WHEN cardinality(patients) = 1 THEN patients[1] END,
