@@ -93,20 +93,78 @@ run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls
 		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
 }
 
+/* the database work of one callback, run by run_in_transaction */
+typedef void (*PeerWork) (Peer *peer, void *ctx);
+
 /*
- * Abort after a caught error; returns the error, copied into the peer's
- * scratch context.
+ * Run work(peer, ctx) in a transaction of its own, inside PG_TRY, so that
+ * no error unwinds into DCMTK's frames.  Returns NULL once it committed;
+ * after an error, the transaction is aborted and the error returned,
+ * copied into the peer's scratch context.  The callback then ends with
+ * end_callback.
  */
 static ErrorData *
-abort_work(Peer *peer)
+run_in_transaction(Peer *peer, const char *activity, PeerWork work, void *ctx)
 {
-	ErrorData  *edata;
+	MemoryContext old = CurrentMemoryContext;
+	ErrorData  *volatile edata = NULL;
 
-	MemoryContextSwitchTo(peer->scratch);
-	edata = CopyErrorData();
-	FlushErrorState();
-	AbortCurrentTransaction();
+	PG_TRY();
+	{
+		mdd_worker_begin_transaction(activity);
+		work(peer, ctx);
+		mdd_worker_commit_transaction();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(peer->scratch);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
 	return edata;
+}
+
+/* after a callback: release its scratch memory, show the association again */
+static void
+end_callback(Peer *peer)
+{
+	MemoryContextReset(peer->scratch);
+	report_association(peer);
+}
+
+typedef struct AdmitWork
+{
+	const char *calling_ae;
+	const char *called_ae;
+	int			permits;
+	char	   *reason;
+	size_t		reason_len;
+} AdmitWork;
+
+static void
+admit_work(Peer *peer, void *ctx)
+{
+	AdmitWork  *w = (AdmitWork *) ctx;
+	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	bool		isnull;
+
+	values[0] = wire_text_datum(w->calling_ae);
+	values[1] = wire_text_datum(w->called_ae);
+	values[2] = wire_text_datum(peer->host);	/* what the socket says */
+	run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
+	if (SPI_processed == 1)
+	{
+		Datum		p = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		char	   *r = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+
+		w->permits = isnull ? 0 : DatumGetInt32(p);
+		if (r)
+			strlcpy(w->reason, r, w->reason_len);
+	}
 }
 
 static int
@@ -114,55 +172,28 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 			   const char *peer_host, char *reason, size_t reason_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile int permits = 0;
+	AdmitWork	w = {calling_ae, called_ae, 0, reason, reason_len};
+	ErrorData  *edata;
 
 	strlcpy(peer->calling_ae, calling_ae, sizeof(peer->calling_ae));
 	for (char *p = peer->calling_ae; *p; p++)
 		if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7E)
 			*p = '?';
-	PG_TRY();
+	edata = run_in_transaction(peer, "DICOM association request", admit_work, &w);
+	if (edata)
 	{
-		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
-		Datum		values[3];
-		bool		isnull;
-
-		values[0] = wire_text_datum(calling_ae);
-		values[1] = wire_text_datum(called_ae);
-		values[2] = wire_text_datum(peer->host);	/* what the socket says */
-		mdd_worker_begin_transaction("DICOM association request");
-		run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
-		if (SPI_processed == 1)
-		{
-			Datum		p = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			char	   *r = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
-
-			permits = isnull ? 0 : DatumGetInt32(p);
-			if (r)
-				strlcpy(reason, r, reason_len);
-		}
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
-		permits = 0;
+		w.permits = 0;
 		snprintf(reason, reason_len, "archive error: %s", edata->message);
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: could not check association from \"%s\" at %s: %s",
-						peer->listener, calling_ae, peer->host, edata->message)));
+						peer->listener, peer->calling_ae, peer->host, edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-
-	if (permits == 0)
+	if (w.permits == 0)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: refused association from \"%s\" at %s to \"%s\": %s",
-						peer->listener, calling_ae, peer->host, called_ae, reason)));
-	report_association(peer);
-	return permits;
+						peer->listener, peer->calling_ae, peer->host, called_ae, reason)));
+	end_callback(peer);
+	return w.permits;
 }
 
 /* the DIMSE failure status for an error of the store path */
@@ -181,40 +212,47 @@ store_failure_status(int sqlerrcode)
 	return 0x0110;				/* Processing Failure */
 }
 
+typedef struct StoreWork
+{
+	const unsigned char *data;
+	size_t		len;
+	const char *sop_instance_uid;
+} StoreWork;
+
+static void
+store_work(Peer *peer, void *ctx)
+{
+	StoreWork  *w = (StoreWork *) ctx;
+	Oid			types[4] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[4];
+	bytea	   *bytes;
+
+	if (w->len > MaxAllocSize - VARHDRSZ)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("object of %zu bytes is too large", w->len)));
+	bytes = (bytea *) palloc(VARHDRSZ + w->len);
+	SET_VARSIZE(bytes, VARHDRSZ + w->len);
+	memcpy(VARDATA(bytes), w->data, w->len);
+	values[0] = PointerGetDatum(bytes);
+	values[1] = wire_text_datum(peer->calling_ae);
+	values[2] = wire_text_datum(peer->host);
+	values[3] = wire_text_datum(w->sop_instance_uid);
+	run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
+}
+
 static unsigned short
 store_callback(void *arg, const unsigned char *data, size_t len,
 			   const char *sop_class_uid, const char *sop_instance_uid,
 			   char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile unsigned short status = 0x0000;
+	StoreWork	w = {data, len, sop_instance_uid};
+	ErrorData  *edata = run_in_transaction(peer, "DICOM C-STORE", store_work, &w);
+	unsigned short status = 0x0000;
 
-	PG_TRY();
+	if (edata)
 	{
-		Oid			types[4] = {BYTEAOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		values[4];
-		bytea	   *bytes;
-
-		if (len > MaxAllocSize - VARHDRSZ)
-			ereport(ERROR,
-					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-					 errmsg("object of %zu bytes is too large", len)));
-		mdd_worker_begin_transaction("DICOM C-STORE");
-		bytes = (bytea *) palloc(VARHDRSZ + len);
-		SET_VARSIZE(bytes, VARHDRSZ + len);
-		memcpy(VARDATA(bytes), data, len);
-		values[0] = PointerGetDatum(bytes);
-		values[1] = wire_text_datum(peer->calling_ae);
-		values[2] = wire_text_datum(peer->host);
-		values[3] = wire_text_datum(sop_instance_uid);
-		run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
 		status = store_failure_status(edata->sqlerrcode);
 		snprintf(comment, comment_len, "%s", edata->message);
 		ereport(LOG,
@@ -222,10 +260,7 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 						peer->listener, sop_instance_uid, peer->calling_ae, peer->host,
 						status, edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-	report_association(peer);
+	end_callback(peer);
 	return status;
 }
 
@@ -250,93 +285,113 @@ text_array_elements(HeapTuple tuple, TupleDesc desc, char ***values)
 	return n;
 }
 
+/* malloc(), or an out-of-memory error */
+static void *
+malloc_or_error(size_t size)
+{
+	void	   *p = malloc(Max(size, 1));
+
+	if (p == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	return p;
+}
+
+/* copy s to *p and move *p past it; returns the copy */
+static const char *
+append_string(char **p, const char *s)
+{
+	char	   *copy = *p;
+
+	*p += strlen(strcpy(copy, s)) + 1;
+	return copy;
+}
+
+typedef struct FindWork
+{
+	const char *model;
+	const char *level;
+	const char *keys_json;
+	MddFindResult *result;
+} FindWork;
+
 /*
- * C-FIND: the matches of mdd._dicom_find (a row of keywords, then a row of
- * values per match), flattened to (row, keyword, value) items in
- * malloc()ed memory that the C++ side frees.  NULL values are left out.
+ * The matches of mdd._dicom_find (a row of keywords, then a row of values
+ * per match), flattened to (row, keyword, value) items in malloc()ed
+ * memory that the C++ side frees.  NULL values are left out.
  */
+static void
+find_work(Peer *peer, void *ctx)
+{
+	FindWork   *w = (FindWork *) ctx;
+	MddFindResult *result = w->result;
+	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	size_t		total = 0;
+	size_t		nitems = 0;
+	char	  **names;
+	const char **keywords;
+	int			nnames;
+	char	 ***rows;
+	char	   *p;
+
+	values[0] = wire_text_datum(w->model);
+	values[1] = wire_text_datum(w->level);
+	values[2] = wire_text_datum(w->keys_json);
+	run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
+	if (SPI_processed < 1)
+		elog(ERROR, "mdd._dicom_find returned no keyword row");
+	nnames = text_array_elements(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &names);
+
+	/* the values, converted once; then one allocation for all */
+	rows = palloc0(sizeof(char **) * Max(SPI_processed, 1));
+	for (uint64 r = 1; r < SPI_processed; r++)
+	{
+		int			n = text_array_elements(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, &rows[r]);
+
+		for (int k = 0; k < Min(n, nnames); k++)
+			if (rows[r][k] != NULL)
+			{
+				total += strlen(rows[r][k]) + 1;
+				nitems++;
+			}
+	}
+	for (int k = 0; k < nnames; k++)
+		total += strlen(names[k]) + 1;
+
+	result->items = malloc_or_error(sizeof(MddFindItem) * nitems);
+	result->strings = malloc_or_error(total);
+	p = result->strings;
+	keywords = palloc(sizeof(char *) * Max(nnames, 1));
+	for (int k = 0; k < nnames; k++)
+		keywords[k] = append_string(&p, names[k]);	/* one string per keyword */
+	for (uint64 r = 1; r < SPI_processed; r++)
+		for (int k = 0; k < nnames; k++)
+		{
+			MddFindItem *item;
+
+			if (rows[r] == NULL || rows[r][k] == NULL)
+				continue;
+			item = &result->items[result->nitems++];
+			item->row = (int) (r - 1);
+			item->keyword = keywords[k];
+			item->value = append_string(&p, rows[r][k]);
+		}
+	result->nrows = (int) (SPI_processed - 1);
+}
+
 static unsigned short
 find_callback(void *arg, const char *model, const char *level, const char *keys_json,
 			  MddFindResult *result, char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile unsigned short status = 0x0000;
+	FindWork	w = {model, level, keys_json, result};
+	ErrorData  *edata;
+	unsigned short status = 0x0000;
 
 	memset(result, 0, sizeof(*result));
-	PG_TRY();
+	edata = run_in_transaction(peer, "DICOM C-FIND", find_work, &w);
+	if (edata)
 	{
-		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
-		Datum		values[3];
-		size_t		total = 0;
-		size_t		nitems = 0;
-		char	  **names;
-		int			nnames;
-		char	   *p;
-
-		values[0] = wire_text_datum(model);
-		values[1] = wire_text_datum(level);
-		values[2] = wire_text_datum(keys_json);
-		mdd_worker_begin_transaction("DICOM C-FIND");
-		run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
-		if (SPI_processed < 1)
-			elog(ERROR, "mdd._dicom_find returned no keyword row");
-		nnames = text_array_elements(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &names);
-
-		/* the values, converted once; then one allocation for all */
-		{
-			char	 ***rows = palloc(sizeof(char **) * Max(SPI_processed, 1));
-
-			for (uint64 r = 1; r < SPI_processed; r++)
-			{
-				int			n = text_array_elements(SPI_tuptable->vals[r], SPI_tuptable->tupdesc,
-													&rows[r]);
-
-				for (int k = 0; k < Min(n, nnames); k++)
-					if (rows[r][k] != NULL)
-					{
-						total += strlen(rows[r][k]) + 1;
-						nitems++;
-					}
-			}
-			for (int k = 0; k < nnames; k++)
-				total += strlen(names[k]) + 1;
-
-			result->items = malloc(sizeof(MddFindItem) * Max(nitems, 1));
-			result->strings = malloc(Max(total, 1));
-			if (result->items == NULL || result->strings == NULL)
-				ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-			p = result->strings;
-			for (int k = 0; k < nnames; k++)
-			{
-				char	   *copy = p;
-
-				p += strlen(strcpy(p, names[k])) + 1;
-				names[k] = copy;	/* keywords point into the result's strings */
-			}
-			for (uint64 r = 1; r < SPI_processed; r++)
-			{
-				for (int k = 0; k < nnames; k++)
-				{
-					MddFindItem *item;
-
-					if (rows[r] == NULL || rows[r][k] == NULL)
-						continue;
-					item = &result->items[result->nitems++];
-					item->row = (int) (r - 1);
-					item->keyword = names[k];
-					item->value = p;
-					p += strlen(strcpy(p, rows[r][k])) + 1;
-				}
-			}
-			result->nrows = (int) (SPI_processed - 1);
-		}
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
 		free(result->items);
 		free(result->strings);
 		memset(result, 0, sizeof(*result));
@@ -346,84 +401,87 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 				(errmsg("mdd dicom listener %d: C-FIND from \"%s\" at %s failed: %s",
 						peer->listener, peer->calling_ae, peer->host, edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-	report_association(peer);
+	end_callback(peer);
 	return status;
 }
 
-/*
- * C-MOVE / C-GET: the objects mdd._dicom_retrieve selects, copied into
- * malloc()ed memory that the C++ side frees.
- */
+typedef struct RetrieveWork
+{
+	const char *operation;
+	const char *model;
+	const char *level;
+	const char *keys_json;
+	const char *destination;
+	MddRetrieveList *list;
+} RetrieveWork;
+
+/* the objects mdd._dicom_retrieve selects, in malloc()ed memory the C++ side frees */
+static void
+retrieve_work(Peer *peer, void *ctx)
+{
+	RetrieveWork *w = (RetrieveWork *) ctx;
+	MddRetrieveList *list = w->list;
+	Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[7];
+	char		nulls[7] = "       ";
+	size_t		total = 0;
+	char	   *p;
+
+	values[0] = wire_text_datum(w->operation);
+	values[1] = wire_text_datum(w->model);
+	values[2] = wire_text_datum(w->level);
+	values[3] = wire_text_datum(w->keys_json);
+	values[4] = wire_text_datum(w->destination ? w->destination : "");
+	if (w->destination == NULL)
+		nulls[4] = 'n';
+	values[5] = wire_text_datum(peer->calling_ae);
+	values[6] = wire_text_datum(peer->host);
+	run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
+			" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
+			7, types, values, nulls);
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+		for (int col = 2; col <= 4; col++)
+		{
+			char	   *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, col);
+
+			total += (v ? strlen(v) : 0) + 1;
+		}
+	list->items = malloc_or_error(sizeof(MddRetrieveItem) * SPI_processed);
+	list->strings = malloc_or_error(total);
+	p = list->strings;
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		MddRetrieveItem *item = &list->items[list->nitems++];
+		const char **fields[3] = {&item->sop_class_uid, &item->sop_instance_uid,
+		&item->transfer_syntax_uid};
+		bool		isnull;
+
+		item->object_id = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
+		for (int col = 2; col <= 4; col++)
+		{
+			char	   *v = SPI_getvalue(t, SPI_tuptable->tupdesc, col);
+
+			*fields[col - 2] = append_string(&p, v ? v : "");
+		}
+	}
+}
+
 static unsigned short
 retrieve_callback(void *arg, const char *operation, const char *model, const char *level,
 				  const char *keys_json, const char *destination, MddRetrieveList *list,
 				  char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile unsigned short status = 0x0000;
+	RetrieveWork w = {operation, model, level, keys_json, destination, list};
+	ErrorData  *edata;
+	unsigned short status = 0x0000;
 
 	memset(list, 0, sizeof(*list));
-	PG_TRY();
+	edata = run_in_transaction(peer, operation, retrieve_work, &w);
+	if (edata)
 	{
-		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		values[7];
-		char		nulls[7] = "       ";
-		size_t		total = 0;
-		char	   *p;
-
-		values[0] = wire_text_datum(operation);
-		values[1] = wire_text_datum(model);
-		values[2] = wire_text_datum(level);
-		values[3] = wire_text_datum(keys_json);
-		values[4] = wire_text_datum(destination ? destination : "");
-		if (destination == NULL)
-			nulls[4] = 'n';
-		values[5] = wire_text_datum(peer->calling_ae);
-		values[6] = wire_text_datum(peer->host);
-		mdd_worker_begin_transaction(operation);
-		run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
-				" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
-				7, types, values, nulls);
-
-		for (uint64 i = 0; i < SPI_processed; i++)
-			for (int col = 2; col <= 4; col++)
-			{
-				char	   *v = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, col);
-
-				total += (v ? strlen(v) : 0) + 1;
-			}
-		list->items = malloc(sizeof(MddRetrieveItem) * Max(SPI_processed, 1));
-		list->strings = malloc(Max(total, 1));
-		if (list->items == NULL || list->strings == NULL)
-			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-		p = list->strings;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	t = SPI_tuptable->vals[i];
-			MddRetrieveItem *item = &list->items[list->nitems++];
-			const char **fields[3] = {&item->sop_class_uid, &item->sop_instance_uid,
-			&item->transfer_syntax_uid};
-			bool		isnull;
-
-			item->object_id = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &isnull));
-			for (int col = 2; col <= 4; col++)
-			{
-				char	   *v = SPI_getvalue(t, SPI_tuptable->tupdesc, col);
-
-				*fields[col - 2] = p;
-				p += strlen(strcpy(p, v ? v : "")) + 1;
-			}
-		}
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
 		free(list->items);
 		free(list->strings);
 		memset(list, 0, sizeof(*list));
@@ -434,11 +492,30 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 						peer->listener, operation, peer->calling_ae, peer->host,
 						edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-	report_association(peer);
+	end_callback(peer);
 	return status;
+}
+
+typedef struct DestinationWork
+{
+	const char *ae_title;
+	char	   *host;
+	size_t		host_len;
+	int		   *port;
+} DestinationWork;
+
+static void
+destination_work(Peer *peer, void *ctx)
+{
+	DestinationWork *w = (DestinationWork *) ctx;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	values[0] = wire_text_datum(w->ae_title);
+	run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
+	strlcpy(w->host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), w->host_len);
+	*w->port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 }
 
 /* C-MOVE: where the destination listens (a registered node) */
@@ -447,36 +524,44 @@ destination_callback(void *arg, const char *ae_title, char *host, size_t host_le
 					 char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile unsigned short status = 0x0000;
+	DestinationWork w = {ae_title, host, host_len, port};
+	ErrorData  *edata = run_in_transaction(peer, "DICOM C-MOVE", destination_work, &w);
+	unsigned short status = 0x0000;
 
-	PG_TRY();
+	if (edata)
 	{
-		Oid			types[1] = {TEXTOID};
-		Datum		values[1];
-		bool		isnull;
-
-		values[0] = wire_text_datum(ae_title);
-		mdd_worker_begin_transaction("DICOM C-MOVE");
-		run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
-		strlcpy(host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), host_len);
-		*port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
 		status = edata->sqlerrcode == ERRCODE_UNDEFINED_OBJECT ? 0xA801 : 0xC000;
 		snprintf(comment, comment_len, "%s", edata->message);
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: C-MOVE from \"%s\" at %s refused: %s",
 						peer->listener, peer->calling_ae, peer->host, edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
+	end_callback(peer);
 	return status;
+}
+
+typedef struct FetchWork
+{
+	long long	object_id;
+	unsigned char **data;
+	size_t	   *len;
+} FetchWork;
+
+static void
+fetch_work(Peer *peer, void *ctx)
+{
+	FetchWork  *w = (FetchWork *) ctx;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	bool		isnull;
+	bytea	   *bytes;
+
+	values[0] = Int64GetDatum(w->object_id);
+	run_sql("SELECT mdd._dicom_fetch($1)", 1, types, values, NULL);
+	bytes = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	*w->len = VARSIZE_ANY_EXHDR(bytes);
+	*w->data = malloc_or_error(*w->len);
+	memcpy(*w->data, VARDATA_ANY(bytes), *w->len);
 }
 
 /* C-MOVE / C-GET: the checked stored bytes of one object, malloc()ed */
@@ -485,46 +570,44 @@ fetch_callback(void *arg, long long object_id, const char *operation,
 			   unsigned char **data, size_t *len, char *error, size_t error_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
-	volatile int ok = 1;
+	FetchWork	w = {object_id, data, len};
+	ErrorData  *edata;
 
 	*data = NULL;
 	*len = 0;
-	PG_TRY();
+	edata = run_in_transaction(peer, operation, fetch_work, &w);
+	if (edata)
 	{
-		Oid			types[1] = {INT8OID};
-		Datum		values[1];
-		bool		isnull;
-		bytea	   *bytes;
-
-		values[0] = Int64GetDatum(object_id);
-		mdd_worker_begin_transaction(operation);
-		run_sql("SELECT mdd._dicom_fetch($1)", 1, types, values, NULL);
-		bytes = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		*len = VARSIZE_ANY_EXHDR(bytes);
-		*data = malloc(Max(*len, 1));
-		if (*data == NULL)
-			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-		memcpy(*data, VARDATA_ANY(bytes), *len);
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
 		free(*data);
 		*data = NULL;
 		*len = 0;
-		ok = 0;
 		snprintf(error, error_len, "%s", edata->message);
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: %s for \"%s\": cannot read object %lld: %s",
 						peer->listener, operation, peer->calling_ae, object_id, edata->message)));
 	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-	return ok;
+	end_callback(peer);
+	return edata == NULL;
+}
+
+typedef struct AuditWork
+{
+	const char *action;
+	const char *detail;
+} AuditWork;
+
+static void
+audit_work(Peer *peer, void *ctx)
+{
+	AuditWork  *w = (AuditWork *) ctx;
+	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[4];
+
+	values[0] = wire_text_datum(w->action);
+	values[1] = wire_text_datum(w->detail);
+	values[2] = wire_text_datum(peer->calling_ae);
+	values[3] = wire_text_datum(peer->host);
+	run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
 }
 
 /* an audit row for the peer, in a transaction of its own */
@@ -532,33 +615,14 @@ static void
 audit_callback(void *arg, const char *action, const char *detail)
 {
 	Peer	   *peer = (Peer *) arg;
-	MemoryContext old = CurrentMemoryContext;
+	AuditWork	w = {action, detail};
+	ErrorData  *edata = run_in_transaction(peer, "DICOM audit", audit_work, &w);
 
-	PG_TRY();
-	{
-		Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		values[4];
-
-		values[0] = wire_text_datum(action);
-		values[1] = wire_text_datum(detail);
-		values[2] = wire_text_datum(peer->calling_ae);
-		values[3] = wire_text_datum(peer->host);
-		mdd_worker_begin_transaction("DICOM audit");
-		run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
-		mdd_worker_commit_transaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = abort_work(peer);
-
+	if (edata)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: could not write the audit row \"%s\" for \"%s\": %s",
 						peer->listener, action, peer->calling_ae, edata->message)));
-	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(old);
-	MemoryContextReset(peer->scratch);
-	report_association(peer);
+	end_callback(peer);
 }
 
 static int
