@@ -9,6 +9,7 @@
 # fails that object only) and a target that refuses writes.
 import glob
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,14 @@ scp = subprocess.Popen(["storescp", "+B", "-aet", "TAP85DEST", "-od", recv, str(
                        env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
 try:
-    time.sleep(0.5)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and scp.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", scp_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    ok(scp.poll() is None, "storescp is listening", f"    exit status {scp.poll()}")
     study = query_value(conn, "SELECT study_instance_uid FROM mdd.objects WHERE id = %s", (ct[0],))
     p = subprocess.run(["movescu", "-aet", "TAP85", "-aec", "MDD", "-aem", "TAP85DEST", "-S",
                         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
