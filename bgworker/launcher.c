@@ -2,12 +2,12 @@
  *
  * launcher.c
  *	  The mdd launcher: one static background worker that keeps the DICOM
- *	  listeners and the job runners running.
+ *	  listeners, the job runners and the rule scheduler running.
  *
  * It connects to mdd.database, waits until the extension exists there,
- * then starts mdd.dicom_workers listeners (when the DICOM port is open)
- * and mdd.job_workers runners as dynamic workers, and starts again any
- * that exits.  It learns of exits through its latch (it is the workers'
+ * then starts mdd.dicom_workers listeners (when the DICOM port is open),
+ * mdd.job_workers runners and one rule scheduler as dynamic workers, and
+ * starts again any that exits.  It learns of exits through its latch (it is the workers'
  * bgw_notify_pid), so it never polls them in a tight loop.
  *
  *-------------------------------------------------------------------------
@@ -46,8 +46,10 @@ typedef struct WorkerKind
 
 static WorkerSlot listener_slots[MDD_MAX_LISTENERS];
 static WorkerSlot runner_slots[MDD_MAX_RUNNERS];
+static WorkerSlot scheduler_slot[1];
 static WorkerKind listeners = {"mdd_listener_main", "mdd dicom listener", listener_slots, MDD_MAX_LISTENERS};
 static WorkerKind runners = {"mdd_runner_main", "mdd job runner", runner_slots, MDD_MAX_RUNNERS};
+static WorkerKind scheduler = {"mdd_scheduler_main", "mdd rule scheduler", scheduler_slot, 1};
 
 /* register the launcher from _PG_init (shared_preload_libraries only) */
 void
@@ -109,7 +111,7 @@ start_worker(WorkerKind *kind, int slot)
 		kind->slots[slot].handle = NULL;
 		ereport(LOG,
 				(errmsg("mdd: could not start %s %d", kind->name, slot + 1),
-				 errhint("Raise max_worker_processes (mdd needs 1 + mdd.dicom_workers + mdd.job_workers).")));
+				 errhint("Raise max_worker_processes (mdd needs 2 + mdd.dicom_workers + mdd.job_workers).")));
 		return;
 	}
 	kind->slots[slot].started_at = GetCurrentTimestamp();
@@ -188,6 +190,7 @@ mdd_launcher_main(Datum arg)
 		if (ready)
 		{
 			timeout = keep_running(&runners, mdd_job_workers);
+			timeout = Min(timeout, keep_running(&scheduler, 1));
 			if (mdd_listen_fd >= 0)
 				timeout = Min(timeout, keep_running(&listeners, mdd_dicom_workers));
 		}
@@ -199,5 +202,6 @@ mdd_launcher_main(Datum arg)
 
 	stop_all(&listeners);
 	stop_all(&runners);
+	stop_all(&scheduler);
 	proc_exit(0);
 }

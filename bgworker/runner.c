@@ -37,54 +37,6 @@
 
 static int	runner_number;
 
-static void
-end_step(void)
-{
-	mdd_worker_commit_transaction();
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-/*
- * Run one SQL statement with one bigint argument in its own transaction;
- * its first column as text (palloc'd in the caller's context), or NULL.
- * On error: *error receives the error (the transaction is aborted).
- */
-static char *
-run_step(const char *activity, const char *sql, int64 arg, bool has_arg, ErrorData **error)
-{
-	MemoryContext caller = CurrentMemoryContext;
-	char	   *volatile result = NULL;
-
-	*error = NULL;
-	PG_TRY();
-	{
-		Oid			types[1] = {INT8OID};
-		Datum		values[1] = {Int64GetDatum(arg)};
-
-		mdd_worker_begin_transaction(activity);
-		if (SPI_execute_with_args(sql, has_arg ? 1 : 0, types, values, NULL, false, 1) < 0)
-			elog(ERROR, "SPI_execute_with_args failed for \"%s\"", sql);
-		if (SPI_processed == 1)
-		{
-			char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-			if (v)
-				result = MemoryContextStrdup(caller, v);
-		}
-		end_step();
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(caller);
-		*error = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		pgstat_report_activity(STATE_IDLE, NULL);
-	}
-	PG_END_TRY();
-	return result;
-}
-
 /* tell the queue a step of the job failed; it decides retry or failure */
 static void
 report_failure(int64 job, ErrorData *edata)
@@ -106,7 +58,8 @@ report_failure(int64 job, ErrorData *edata)
 		if (SPI_execute_with_args("SELECT mdd._job_error($1, $2, $3)", 3, types, values,
 								  NULL, false, 0) < 0)
 			elog(ERROR, "could not record the failure of job " INT64_FORMAT, job);
-		end_step();
+		mdd_worker_commit_transaction();
+		pgstat_report_activity(STATE_IDLE, NULL);
 	}
 	PG_CATCH();
 	{
@@ -136,7 +89,7 @@ work_on(int64 job)
 	for (;;)
 	{
 		CHECK_FOR_INTERRUPTS();
-		result = run_step(activity, "SELECT mdd._job_step($1)", job, true, &error);
+		result = mdd_worker_run_sql(activity, "SELECT mdd._job_step($1)", job, true, &error);
 		if (error)
 		{
 			report_failure(job, error);
@@ -153,7 +106,7 @@ work_on(int64 job)
 		}
 		pfree(result);
 	}
-	(void) run_step(activity, "SELECT mdd._release_job($1)", job, true, &error);
+	(void) mdd_worker_run_sql(activity, "SELECT mdd._release_job($1)", job, true, &error);
 	if (error)
 	{
 		/* the lock ends with the session at worst; say so and go on */
@@ -168,7 +121,7 @@ static long
 next_due_ms(void)
 {
 	ErrorData  *error;
-	char	   *due = run_step("looking for work", "SELECT mdd._next_job_due()", 0, false, &error);
+	char	   *due = mdd_worker_run_sql("looking for work", "SELECT mdd._next_job_due()", 0, false, &error);
 	long		ms = -1;
 
 	if (error)
@@ -196,7 +149,7 @@ mdd_runner_main(Datum arg)
 	mdd_runner_attach(runner_number - 1);
 
 	/* what a crash left half done and no job will finish */
-	result = run_step("recovering copies", "SELECT mdd._recover_copies()", 0, false, &error);
+	result = mdd_worker_run_sql("recovering copies", "SELECT mdd._recover_copies()", 0, false, &error);
 	if (error)
 	{
 		ereport(LOG, (errmsg("mdd job runner %d: recovery of copies failed: %s",
@@ -215,7 +168,7 @@ mdd_runner_main(Datum arg)
 		CHECK_FOR_INTERRUPTS();
 		mdd_worker_reload_if_asked();
 
-		result = run_step("looking for work", "SELECT mdd._claim_job()", 0, false, &error);
+		result = mdd_worker_run_sql("looking for work", "SELECT mdd._claim_job()", 0, false, &error);
 		if (error)
 		{
 			ereport(LOG, (errmsg("mdd job runner %d: %s", runner_number, error->message)));

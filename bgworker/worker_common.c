@@ -2,7 +2,8 @@
  *
  * worker_common.c
  *	  What every mdd background worker does the same way: signal handling,
- *	  configuration reloads, and transactions around SPI calls.
+ *	  configuration reloads, transactions around SPI calls, and one SQL
+ *	  statement run in its own transaction with its errors caught.
  *
  * SIGTERM sets a flag and the latch: workers check the flag in their loops
  * (and the DICOM association loop between messages), so that work is never
@@ -17,6 +18,7 @@
 #include <sys/socket.h>
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -24,6 +26,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/latch.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -100,4 +103,48 @@ mdd_worker_commit_transaction(void)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	pgstat_report_stat(false);
+}
+
+/*
+ * Run one SQL statement, with one bigint argument when has_arg, in its own
+ * transaction; its first column as text (palloc'd in the caller's
+ * context), or NULL.  On error *error receives the error and the
+ * transaction is aborted, so that the worker goes on.
+ */
+char *
+mdd_worker_run_sql(const char *activity, const char *sql, int64 arg, bool has_arg,
+				   ErrorData **error)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *volatile result = NULL;
+
+	*error = NULL;
+	PG_TRY();
+	{
+		Oid			types[1] = {INT8OID};
+		Datum		values[1] = {Int64GetDatum(arg)};
+
+		mdd_worker_begin_transaction(activity);
+		if (SPI_execute_with_args(sql, has_arg ? 1 : 0, types, values, NULL, false, 1) < 0)
+			elog(ERROR, "SPI_execute_with_args failed for \"%s\"", sql);
+		if (SPI_processed == 1)
+		{
+			char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+			if (v)
+				result = MemoryContextStrdup(caller, v);
+		}
+		mdd_worker_commit_transaction();
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(caller);
+		*error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
+	return result;
 }

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * workers.h
- *	  Background workers of mdd: the launcher, the DICOM listeners and the
- *	  job runners.
+ *	  Background workers of mdd: the launcher, the DICOM listeners, the job
+ *	  runners and the rule scheduler.
  *
  *-------------------------------------------------------------------------
  */
@@ -41,6 +41,9 @@ PGDLLEXPORT void mdd_listener_main(Datum arg);
 /* runner.c */
 PGDLLEXPORT void mdd_runner_main(Datum arg);
 
+/* scheduler.c */
+PGDLLEXPORT void mdd_scheduler_main(Datum arg);
+
 /* worker_common.c */
 extern volatile sig_atomic_t mdd_got_sigterm;
 extern volatile sig_atomic_t mdd_got_sighup;
@@ -49,5 +52,7 @@ extern void mdd_worker_setup_signals(void);
 extern void mdd_worker_reload_if_asked(void);
 extern void mdd_worker_begin_transaction(const char *activity);
 extern void mdd_worker_commit_transaction(void);
+extern char *mdd_worker_run_sql(const char *activity, const char *sql, int64 arg, bool has_arg,
+								ErrorData **error);
 
 #endif							/* MDD_WORKERS_H */

@@ -1,13 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * job_wake.c
- *	  Waking the job runners when a transaction that queued work commits.
+ *	  Waking the job runners when a transaction that queued work commits,
+ *	  and the rule scheduler when one that changed the rules commits.
  *
- * Each runner puts its PGPROC number in a small shared array when it
- * starts.  mdd._wake_runners() marks the calling transaction; at its
- * commit every runner's latch is set, so runners sleep until there is
- * work instead of polling the queue.  Without shared_preload_libraries
- * there is no array and no runner, and waking does nothing.
+ * Each runner, and the scheduler, puts its PGPROC number in a small shared
+ * array when it starts.  mdd._wake_runners() and mdd._wake_scheduler()
+ * mark the calling transaction; at its commit the latches are set, so
+ * these workers sleep until there is work instead of polling tables.
+ * Without shared_preload_libraries there is no array and no worker, and
+ * waking does nothing.
  *
  *-------------------------------------------------------------------------
  */
@@ -27,10 +29,12 @@
 typedef struct RunnerLatches
 {
 	int			pgprocno[MDD_MAX_RUNNERS];	/* -1: slot not running */
+	int			scheduler_pgprocno; /* -1: not running */
 } RunnerLatches;
 
 static RunnerLatches *runner_latches = NULL;
 static bool wake_at_commit = false;
+static bool wake_scheduler_at_commit = false;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -52,9 +56,19 @@ startup_shmem(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	runner_latches = ShmemInitStruct("mdd job runners", sizeof(RunnerLatches), &found);
 	if (!found)
+	{
 		for (int i = 0; i < MDD_MAX_RUNNERS; i++)
 			runner_latches->pgprocno[i] = -1;
+		runner_latches->scheduler_pgprocno = -1;
+	}
 	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+wake_procno(int procno)
+{
+	if (procno >= 0)
+		SetLatch(&ProcGlobal->allProcs[procno].procLatch);
 }
 
 static void
@@ -63,12 +77,7 @@ wake_all(void)
 	if (runner_latches == NULL)
 		return;
 	for (int i = 0; i < MDD_MAX_RUNNERS; i++)
-	{
-		int			procno = runner_latches->pgprocno[i];
-
-		if (procno >= 0)
-			SetLatch(&ProcGlobal->allProcs[procno].procLatch);
-	}
+		wake_procno(runner_latches->pgprocno[i]);
 }
 
 static void
@@ -80,11 +89,15 @@ job_wake_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (wake_at_commit)
 				wake_all();
+			if (wake_scheduler_at_commit && runner_latches != NULL)
+				wake_procno(runner_latches->scheduler_pgprocno);
 			wake_at_commit = false;
+			wake_scheduler_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_at_commit = false;
+			wake_scheduler_at_commit = false;
 			break;
 		default:
 			break;
@@ -122,11 +135,36 @@ mdd_runner_attach(int slot)
 	on_shmem_exit(detach_runner, Int32GetDatum(slot));
 }
 
+static void
+detach_scheduler(int code, Datum arg)
+{
+	if (runner_latches != NULL)
+		runner_latches->scheduler_pgprocno = -1;
+}
+
+/* the rule scheduler makes its latch known; undone when it exits */
+void
+mdd_scheduler_attach(void)
+{
+	if (runner_latches == NULL)
+		return;
+	runner_latches->scheduler_pgprocno = MyProc->pgprocno;
+	on_shmem_exit(detach_scheduler, (Datum) 0);
+}
+
 PG_FUNCTION_INFO_V1(mdd_wake_runners_sql);
+PG_FUNCTION_INFO_V1(mdd_wake_scheduler_sql);
 
 Datum
 mdd_wake_runners_sql(PG_FUNCTION_ARGS)
 {
 	wake_at_commit = true;
+	PG_RETURN_VOID();
+}
+
+Datum
+mdd_wake_scheduler_sql(PG_FUNCTION_ARGS)
+{
+	wake_scheduler_at_commit = true;
 	PG_RETURN_VOID();
 }

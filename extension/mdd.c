@@ -5,7 +5,8 @@
  *
  * _PG_init only registers: the mdd.* settings, the transaction callbacks
  * (file storage, counts, runner wake-up), and when preloaded the shared
- * memory of the runner wake-up and the launcher.  Everything else happens
+ * memory of the worker wake-up and the rule bandwidth cap, and the
+ * launcher.  Everything else happens
  * when SQL calls the extension's functions or in the workers.
  *
  *-------------------------------------------------------------------------
@@ -145,12 +146,23 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	DefineCustomRealVariable("mdd.rule_bandwidth",
+							 "Cap on the bandwidth of work that archive rules start, in MB/s; 0: no cap.",
+							 "Shared by every job runner; jobs that users queue themselves are not held back.",
+							 &mdd_rule_bandwidth,
+							 0, 0, 1000000,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+
 	define_network_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
 	mdd_tally_init();
 	mdd_job_wake_init(process_shared_preload_libraries_in_progress && !IsUnderPostmaster);
+	if (process_shared_preload_libraries_in_progress && !IsUnderPostmaster)
+		mdd_throttle_init();
 
 	/*
 	 * The workers run only when mdd is preloaded; then the postmaster also

@@ -37,5 +37,10 @@ extern void mdd_tally_init(void);
 #define MDD_MAX_RUNNERS 32
 extern void mdd_job_wake_init(bool preloading);
 extern void mdd_runner_attach(int slot);
+extern void mdd_scheduler_attach(void);
+
+/* throttle.c: the bandwidth cap of rule-driven work */
+extern double mdd_rule_bandwidth;
+extern void mdd_throttle_init(void);
 
 #endif							/* MDD_H */

@@ -454,6 +454,8 @@ class Generator:
         ds.ManufacturerModelName = "SynthLinac OBI"
         ds.KVP = "100"
         ds.ConvolutionKernel = "CBCT"
+        # as linac imaging systems mark their cone-beam CTs
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CBCT"]
         coords = (np.arange(CBCT_SIZE) - (CBCT_SIZE - 1) / 2.0) * CBCT_PIXEL_SPACING
         # CBCT coordinates have the isocentre at the origin; the patient is a
         # little off the planned position (setup error).

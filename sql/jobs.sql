@@ -19,8 +19,11 @@ CREATE TABLE mdd.job (
 	bytes			bigint NOT NULL DEFAULT 0,
 	attempts		integer NOT NULL DEFAULT 0,	-- transient failures in a row
 	next_attempt_at timestamptz,
+	batches			integer NOT NULL DEFAULT 0,	-- batches of objects taken so far
+	rule			integer,	-- the archive rule whose run this is (sql/rules.sql)
 	error			text
 );
+CREATE INDEX ON mdd.job (rule);
 CREATE INDEX ON mdd.job (state) WHERE state IN ('queued', 'running');
 
 -- One row per object of a job.  state: 'pending'; 'copying' once the new
@@ -31,6 +34,7 @@ CREATE TABLE mdd.job_item (
 	object			bigint NOT NULL REFERENCES mdd.object(id),
 	state			text NOT NULL DEFAULT 'pending'
 					CHECK (state IN ('pending', 'copying', 'releasing', 'done', 'failed')),
+	batch			integer,	-- the batch of the job that took it (1, 2, ...)
 	error			text,
 	PRIMARY KEY (job, object)
 );
@@ -40,7 +44,7 @@ CREATE INDEX ON mdd.job_item (object);
 CREATE VIEW mdd.jobs AS
 SELECT j.id, j.kind, j.state, s.name AS storage, j.created_by, j.created_at, j.started_at,
 	   j.finished_at, j.total, j.done, j.failed, j.bytes, j.attempts, j.next_attempt_at,
-	   j.error
+	   j.error, j.batches, j.options->>'rule' AS rule
 FROM mdd.job j LEFT JOIN mdd.storage s ON s.id = j.storage;
 
 -- Wake the job runners once the calling transaction commits (C).

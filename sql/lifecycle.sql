@@ -77,12 +77,15 @@ END;
 $$;
 
 -- Queue a job moving objects to a storage.
+-- allow_empty: a rule's run that found nothing is a job too (it ends at once).
 CREATE FUNCTION mdd._queue_move(kind text, object_ids bigint[], target mdd.storage,
-								include_related boolean, options jsonb) RETURNS bigint
+								include_related boolean, options jsonb,
+								allow_empty boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	ids bigint[] := mdd._closure(object_ids, include_related);
+	ids bigint[] := CASE WHEN allow_empty AND cardinality(object_ids) = 0 THEN '{}'::bigint[]
+						 ELSE mdd._closure(object_ids, include_related) END;
 	job bigint;
 BEGIN
 	INSERT INTO mdd.job (kind, storage, options, created_by, client, total)
@@ -148,6 +151,7 @@ DECLARE
 	it record;
 	taken int := 0;
 	sum_bytes bigint := 0;
+	batch_no int := j.batches + 1;
 BEGIN
 	FOR it IN SELECT i.object, o.size, o.sha256
 			  FROM mdd.job_item i JOIN mdd.object o ON o.id = i.object
@@ -168,11 +172,13 @@ BEGIN
 		IF EXISTS (SELECT 1 FROM mdd.copy c WHERE c.object = it.object AND c.storage = target.id
 				   AND c.state = 'present') THEN
 			-- already there: only what the other tier holds is released
-			UPDATE mdd.job_item i SET state = 'copying' WHERE i.job = j.id AND i.object = it.object;
+			UPDATE mdd.job_item i SET state = 'copying', batch = batch_no
+			WHERE i.job = j.id AND i.object = it.object;
 			CONTINUE;
 		END IF;
 		IF NOT EXISTS (SELECT 1 FROM mdd.copy c WHERE c.object = it.object AND c.state = 'present') THEN
-			UPDATE mdd.job_item i SET state = 'failed', error = 'the object has no present copy'
+			UPDATE mdd.job_item i SET state = 'failed', error = 'the object has no present copy',
+				   batch = batch_no
 			WHERE i.job = j.id AND i.object = it.object;
 			UPDATE mdd.job x SET failed = x.failed + 1 WHERE x.id = j.id;
 			CONTINUE;
@@ -183,8 +189,12 @@ BEGIN
 					it.size, it.sha256)
 			ON CONFLICT (object, storage) DO UPDATE SET state = 'writing';
 		END IF;
-		UPDATE mdd.job_item i SET state = 'copying' WHERE i.job = j.id AND i.object = it.object;
+		UPDATE mdd.job_item i SET state = 'copying', batch = batch_no
+		WHERE i.job = j.id AND i.object = it.object;
 	END LOOP;
+	IF taken > 0 THEN
+		UPDATE mdd.job x SET batches = batch_no WHERE x.id = j.id;
+	END IF;
 	RETURN taken;
 END;
 $$;
@@ -400,6 +410,7 @@ DECLARE
 	j mdd.job;
 	target mdd.storage;
 	first_error text;
+	wait_until timestamptz;
 BEGIN
 	SELECT * INTO j FROM mdd.job x WHERE x.id = _job_step.job FOR UPDATE;
 	IF NOT FOUND THEN
@@ -411,6 +422,8 @@ BEGIN
 		j.state := 'running';
 	END IF;
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
+	-- the wait it was due after is over: the other runners need not look at it
+	UPDATE mdd.job x SET next_attempt_at = NULL WHERE x.id = j.id AND x.next_attempt_at IS NOT NULL;
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN
 		PERFORM mdd._release_items(j);
@@ -427,9 +440,26 @@ BEGIN
 	END IF;
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'copying') THEN
 		PERFORM mdd._copy_items(j, target);
+		IF j.rule IS NOT NULL THEN
+			-- rule-driven work keeps within mdd.rule_bandwidth
+			wait_until := mdd._throttle((SELECT x.bytes FROM mdd.job x WHERE x.id = j.id) - j.bytes, now());
+			IF wait_until > clock_timestamp() THEN
+				UPDATE mdd.job x SET next_attempt_at = wait_until WHERE x.id = j.id;
+				RETURN 'wait';
+			END IF;
+		END IF;
 		RETURN 'more';
 	END IF;
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'pending') THEN
+		-- a rule's run takes new batches only inside the rule's window
+		wait_until := mdd._rule_window_wait(j);
+		IF wait_until IS NOT NULL THEN
+			UPDATE mdd.job x SET next_attempt_at = wait_until,
+				   error = format('waiting for the window of rule %s, which opens at %s',
+								  j.options->>'rule', wait_until)
+			WHERE x.id = j.id;
+			RETURN 'wait';
+		END IF;
 		IF mdd._prepare_items(j, target) = 0 THEN
 			UPDATE mdd.job x SET next_attempt_at = now() + interval '1 s',
 				   error = (SELECT format('waiting for job %s, which is moving or undoing the same objects', k.job)
@@ -439,7 +469,7 @@ BEGIN
 			WHERE x.id = j.id;
 			RETURN 'wait';
 		END IF;
-		UPDATE mdd.job x SET error = NULL WHERE x.id = j.id AND x.error LIKE 'waiting for job %';
+		UPDATE mdd.job x SET error = NULL WHERE x.id = j.id AND x.error LIKE 'waiting for %';
 		RETURN 'more';
 	END IF;
 

@@ -20,7 +20,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA mdd FROM PUBLIC;
 GRANT USAGE ON SCHEMA mdd TO mdd_reader;
 
 -- readers: search, read, reports
-GRANT SELECT ON mdd.objects, mdd.storages, mdd.nodes, mdd.jobs TO mdd_reader;
+GRANT SELECT ON mdd.objects, mdd.storages, mdd.nodes, mdd.jobs, mdd.rules TO mdd_reader;
 GRANT EXECUTE ON FUNCTION mdd.read(bigint, boolean), mdd.related(bigint),
 	mdd.parse(bytea) TO mdd_reader;
 
@@ -29,10 +29,13 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 	mdd.import(text), mdd.store_document(text, bytea, text, text, text, text),
 	mdd.export(bigint, text, boolean, boolean), mdd.echo(text),
 	mdd.archive(bigint[], text, boolean), mdd.restore(bigint[], boolean),
-	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text) TO mdd_operator;
+	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text),
+	mdd.preview_rule(text, boolean), mdd.run_rule(text, boolean) TO mdd_operator;
 
 -- administrators: storages, the audit trail, the catalog tables for reports
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
-	mdd.add_node(text, text, text, integer, jsonb) TO mdd_admin;
+	mdd.add_node(text, text, text, integer, jsonb),
+	mdd.create_rule(text, text, text, text, text, time, time, integer, boolean),
+	mdd.drop_rule(text) TO mdd_admin;
 GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
-	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item TO mdd_admin;
+	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item, mdd.rule TO mdd_admin;
