@@ -187,6 +187,8 @@ mdd_rule_select_sql(PG_FUNCTION_ARGS)
 	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
 	save_nestlevel = NewGUCNestLevel();
+	/* rules scan large catalogs once: compiling them costs more than it saves */
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	XactReadOnly = true;
 	PG_TRY();
 	{

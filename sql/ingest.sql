@@ -116,6 +116,9 @@ DECLARE
 BEGIN
 	INSERT INTO mdd.copy (object, storage, locator, state, size, sha256, verified_at)
 	VALUES (obj, s.id, mdd._put(s, obj, digest, data), 'present', length(data), digest, now());
+	IF s.tier <> 'online' THEN
+		UPDATE mdd.object o SET tier = s.tier WHERE o.id = obj;
+	END IF;
 END;
 $$;
 

@@ -347,7 +347,8 @@ BEGIN
 	END LOOP;
 
 	-- the bookkeeping of the batch, once
-	UPDATE mdd.object o SET archived_at = CASE WHEN j.kind = 'archive' THEN now() END
+	UPDATE mdd.object o SET archived_at = CASE WHEN j.kind = 'archive' THEN now() END,
+		   tier = target.tier
 	WHERE o.id = ANY (moved);
 	UPDATE mdd.job_item i SET state = CASE WHEN i.object = ANY (released) THEN 'releasing' ELSE 'done' END
 	WHERE i.job = j.id AND i.object = ANY (moved);

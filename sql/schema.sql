@@ -75,6 +75,10 @@ CREATE TABLE mdd.object (
 	source					text,
 	ingested_at				timestamptz NOT NULL DEFAULT now(),
 	archived_at				timestamptz,
+	-- 'online' while a present copy is on an online-tier storage; kept by
+	-- the steps that change that (mdd._keep, mdd._copy_items), in the same
+	-- transaction, so that queries over tiers need not look at the copies
+	tier					text NOT NULL DEFAULT 'online' CHECK (tier IN ('online', 'archive')),
 	CHECK ((kind = 'dicom') = (sop_instance_uid IS NOT NULL)),
 	CHECK (kind = 'document' OR series IS NOT NULL)
 );

@@ -30,9 +30,7 @@ SELECT o.id,
 	   o.description,
 	   o.size,
 	   encode(o.sha256, 'hex') AS sha256,
-	   CASE WHEN EXISTS (SELECT 1 FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
-						 WHERE c.object = o.id AND c.state = 'present' AND s.tier = 'online')
-			THEN 'online' ELSE 'archive' END AS tier,
+	   o.tier,
 	   (SELECT string_agg(s.name, ',' ORDER BY s.id) FROM mdd.copy c
 		JOIN mdd.storage s ON s.id = c.storage
 		WHERE c.object = o.id AND c.state = 'present') AS storage,

@@ -9,7 +9,7 @@ SET client_min_messages = warning;
 
 BEGIN;
 SET LOCAL jit = off;
-SELECT plan(94);
+SELECT plan(104);
 
 -- the demo EMR (scripts/emr_demo.sql), as the tests and the demo use it
 \ir ../../scripts/emr_demo.sql
@@ -43,9 +43,10 @@ BEGIN
 	INSERT INTO mdd.series (study, series_instance_uid, modality, series_description)
 	VALUES (st, '1.2.826.0.1.3680043.99.6.' || p || '.' || n, modality, description) RETURNING id INTO se;
 	INSERT INTO mdd.object (kind, patient, study, series, sop_instance_uid, sop_class_uid, image_type,
-							size, sha256)
+							size, sha256, tier)
 	VALUES ('dicom', p, st, se, '1.2.826.0.1.3680043.99.6.' || p || '.' || n || '.1',
-			'1.2.840.10008.5.1.4.1.1.2', image_type, 1000, sha256(label::bytea))
+			'1.2.840.10008.5.1.4.1.1.2', image_type, 1000, sha256(label::bytea),
+			CASE WHEN online THEN 'online' ELSE 'archive' END)
 	RETURNING id INTO o;
 	INSERT INTO mdd.copy (object, storage, locator, state, size, sha256)
 	SELECT o, s.id, 'test-' || o, 'present', 1000, sha256(label::bytea)
@@ -301,6 +302,42 @@ SELECT lives_ok($$SELECT mdd.create_rule('nothing', 'false')$$, 'a rule that sel
 SELECT mdd.run_rule('nothing') AS run2 \gset
 SELECT results_eq($$SELECT kind, state, total FROM mdd.jobs WHERE id = $$ || :run2,
 	$$VALUES ('archive', 'queued', 0)$$, 'its run is still a job, of no object');
+
+-- ---------------------------------------------------------------------------
+-- the scheduler's tick (mdd._schedule_rules, which bgworker/scheduler.c calls)
+
+SET LOCAL ROLE mdd_t06_admin;
+SELECT lives_ok($$SELECT mdd.create_rule('every-minute', 'o.modality = ''MR''', schedule => '* * * * *')$$,
+				'a rule that fires every minute');
+SELECT lives_ok($$SELECT mdd.create_rule('closed-now', 'o.modality = ''MR''', schedule => '* * * * *',
+					window_start => (localtime + interval '1 hour')::time,
+					window_end => (localtime - interval '1 hour')::time)$$,
+				'one whose window is closed now');
+SELECT lives_ok($$SELECT mdd.create_rule('loses-rights', 'EXISTS (SELECT 1 FROM emr.course)',
+					schedule => '* * * * *')$$,
+				'one whose owner will lose the right to read the EMR');
+RESET ROLE;
+SELECT ok(mdd._schedule_rules() BETWEEN 0 AND 60, 'the tick returns the seconds until the next rule is due');
+SELECT is((SELECT count(*) FROM mdd.rules WHERE name IN ('every-minute', 'closed-now', 'loses-rights')
+		   AND next_run = date_trunc('minute', now()) + interval '1 minute' AND last_job IS NULL), 3::bigint,
+		  'new rules get their next run, the next minute, and do not run yet');
+UPDATE mdd.rule SET next_run_at = now() - interval '1 minute'
+WHERE name IN ('every-minute', 'closed-now', 'loses-rights');
+REVOKE emr_reader FROM mdd_t06_admin;
+SELECT ok(mdd._schedule_rules() IS NOT NULL, 'a tick with three rules due');
+GRANT emr_reader TO mdd_t06_admin;
+SELECT results_eq($$SELECT j.kind, j.created_by::text COLLATE "default", j.options->>'scheduled', j.options->>'rule'
+					FROM mdd.rules r JOIN mdd.job j ON j.id = r.last_job WHERE r.name = 'every-minute'$$,
+	$$VALUES ('archive', 'mdd_t06_admin', 'true', 'every-minute')$$,
+	'the due rule runs: a job on behalf of its owner');
+SELECT is((SELECT last_job FROM mdd.rules WHERE name = 'closed-now'), NULL,
+		  'the due rule whose window is closed does not run');
+SELECT is((SELECT last_error FROM mdd.rules WHERE name = 'loses-rights'),
+			'permission denied for schema emr (SQLSTATE 42501)',
+			'the rule that cannot run says why in last_error');
+SELECT is((SELECT count(*) FROM mdd.rules WHERE name IN ('every-minute', 'closed-now', 'loses-rights')
+		   AND next_run = date_trunc('minute', now()) + interval '1 minute'), 3::bigint,
+		  'all three are due again at their next time');
 
 -- ---------------------------------------------------------------------------
 -- windows, in the session's time zone (the scheduler's is the server's)

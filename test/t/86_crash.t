@@ -99,6 +99,12 @@ try:
                                     (SELECT 1 FROM mdd.copy c WHERE c.object = o.id AND c.state = 'present')""")
         if lost:
             found.append(f"{lost} objects without a present copy")
+        wrong_tier = query(conn, """SELECT o.id, o.tier FROM mdd.object o
+                                     WHERE (o.tier = 'online') <> EXISTS
+                                       (SELECT 1 FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
+                                        WHERE c.object = o.id AND c.state = 'present' AND s.tier = 'online')""")
+        if wrong_tier:
+            found.append(f"objects whose tier is not where their present copies are: {wrong_tier[:5]}")
         for storage in ("online", "vault"):
             bad = query(conn, "SELECT object_id, problem FROM mdd.verify(%s)", (storage,))
             if bad:
