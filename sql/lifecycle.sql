@@ -401,6 +401,10 @@ DECLARE
 	target mdd.storage;
 	first_error text;
 BEGIN
+	-- a fair lock first: mdd.cancel waiting for this job gets it before
+	-- the next step does (waiters of a row lock are passed over by a new
+	-- locker that finds the row free)
+	PERFORM pg_advisory_xact_lock(1296319522, _job_step.job::int);
 	SELECT * INTO j FROM mdd.job x WHERE x.id = _job_step.job FOR UPDATE;
 	IF NOT FOUND THEN
 		RETURN 'finished';
