@@ -414,6 +414,7 @@ BEGIN
 		UPDATE mdd.job x SET state = 'running', started_at = now() WHERE x.id = j.id;
 		j.state := 'running';
 	END IF;
+	IF j.kind = 'send' THEN RETURN mdd._send_step(j); END IF;	-- sql/send.sql
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN
