@@ -31,6 +31,7 @@ typedef enum MddDicomStatus
 	MDD_DICOM_MISSING_UID,		/* readable, but without SOP class/instance UID */
 	MDD_DICOM_OUT_OF_MEMORY,
 	MDD_DICOM_NETWORK,			/* connection, negotiation or peer failure */
+	MDD_DICOM_NOT_SENDABLE,		/* the peer accepts no context the object can go in */
 	MDD_DICOM_INTERNAL			/* anything else (a caught C++ exception) */
 } MddDicomStatus;
 
@@ -201,6 +202,59 @@ extern MddDicomStatus mdd_dicom_serve(int fd, const MddDicomServerConfig *config
 extern MddDicomStatus mdd_dicom_echo(const char *our_ae, const char *peer_ae,
 									 const char *host, int port, int timeout,
 									 char *errbuf, size_t errbuf_len);
+
+/* ---------------------------------------------------------------------
+ * C-STORE of stored objects to a node, for mdd.send (dicom_send.cpp)
+ * ---------------------------------------------------------------------
+ */
+
+/* an association mdd opened to send objects; owned by the C++ side */
+typedef struct MddDicomSender MddDicomSender;
+
+/* what the SCU side of the sender needs to know */
+typedef struct MddDicomSenderConfig
+{
+	const char *our_ae;
+	const char *peer_ae;
+	const char *host;
+	int			port;
+	int			acse_timeout;	/* seconds to connect and negotiate */
+	int			dimse_timeout;	/* seconds to wait for each answer */
+	void	   *arg;
+	int			(*should_stop) (void *arg);	/* true: stop waiting at once */
+} MddDicomSenderConfig;
+
+/*
+ * Open an association for objects of the given SOP classes, each in the
+ * transfer syntax it is stored in (classes[i] with syntaxes[i]; pairs may
+ * repeat).  MDD_DICOM_OK with *sender set; MDD_DICOM_NETWORK when the peer
+ * cannot be reached or refuses the association; MDD_DICOM_NOT_SENDABLE
+ * when it associated but accepted none of the contexts proposed.
+ */
+extern MddDicomStatus mdd_dicom_sender_open(const MddDicomSenderConfig *config,
+											const char *const *classes,
+											const char *const *syntaxes, int n,
+											MddDicomSender **sender,
+											char *errbuf, size_t errbuf_len);
+
+/*
+ * C-STORE one stored object (Part 10 file or bare data set, as kept) and
+ * wait for the answer: MDD_DICOM_OK with the DIMSE status in *status and
+ * the Error Comment, if any, in errbuf; MDD_DICOM_NOT_SENDABLE when the
+ * peer accepted no context the object can go in (nothing was sent), with
+ * the reason; MDD_DICOM_NETWORK when the association failed (it is of no
+ * further use: close it).
+ */
+extern MddDicomStatus mdd_dicom_sender_store(MddDicomSender *sender,
+											 const unsigned char *data, size_t len,
+											 const char *sop_class_uid,
+											 const char *sop_instance_uid,
+											 const char *transfer_syntax_uid,
+											 unsigned short *status,
+											 char *errbuf, size_t errbuf_len);
+
+/* release the association (or abort it when release is 0) and free sender */
+extern void mdd_dicom_sender_close(MddDicomSender *sender, int release);
 
 #ifdef __cplusplus
 }

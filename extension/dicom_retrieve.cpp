@@ -22,9 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <memory>
-#include <set>
 #include <utility>
 
 namespace
@@ -187,33 +185,15 @@ Retrieval::refuse(DIC_US status, const std::string &comment)
 	return respond(status, comment, true);
 }
 
-/*
- * The contexts to propose to a move destination: for each SOP class, its
- * stored transfer syntaxes one context each, and the uncompressed ones
- * together as a fallback for uncompressed objects.
- */
+/* the contexts to propose to a move destination for the objects of list */
 std::vector<MddProposedContext>
 contextsFor(const RetrieveList &list)
 {
-	std::map<std::string, std::set<std::string>> syntaxes;
-	std::vector<MddProposedContext> contexts;
+	std::vector<std::pair<std::string, std::string>> objects;
 
 	for (int i = 0; i < list.nitems; i++)
-		syntaxes[list.items[i].sop_class_uid].insert(list.items[i].transfer_syntax_uid);
-	for (const auto &cls : syntaxes)
-	{
-		bool		anyUncompressed = false;
-
-		for (const std::string &ts : cls.second)
-		{
-			contexts.push_back({cls.first, {ts}});
-			anyUncompressed = anyUncompressed || mddIsUncompressed(ts);
-		}
-		if (anyUncompressed)
-			contexts.push_back({cls.first, {mddUncompressedTransferSyntaxes[0],
-											mddUncompressedTransferSyntaxes[1]}});
-	}
-	return contexts;
+		objects.emplace_back(list.items[i].sop_class_uid, list.items[i].transfer_syntax_uid);
+	return mddStoreContexts(objects);
 }
 
 /* the sub-operations; false when the requesting association must be aborted */

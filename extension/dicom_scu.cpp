@@ -22,7 +22,9 @@
 
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <set>
 
 const char *const mddUncompressedTransferSyntaxes[3] = {
 	UID_LittleEndianExplicitTransferSyntax,
@@ -37,6 +39,30 @@ mddIsUncompressed(const std::string &transferSyntax)
 		if (transferSyntax == ts)
 			return true;
 	return false;
+}
+
+std::vector<MddProposedContext>
+mddStoreContexts(const std::vector<std::pair<std::string, std::string>> &classesAndSyntaxes)
+{
+	std::map<std::string, std::set<std::string>> syntaxes;
+	std::vector<MddProposedContext> contexts;
+
+	for (const auto &cs : classesAndSyntaxes)
+		syntaxes[cs.first].insert(cs.second);
+	for (const auto &cls : syntaxes)
+	{
+		bool		anyUncompressed = false;
+
+		for (const std::string &ts : cls.second)
+		{
+			contexts.push_back({cls.first, {ts}});
+			anyUncompressed = anyUncompressed || mddIsUncompressed(ts);
+		}
+		if (anyUncompressed)
+			contexts.push_back({cls.first, {mddUncompressedTransferSyntaxes[0],
+											mddUncompressedTransferSyntaxes[1]}});
+	}
+	return contexts;
 }
 
 MddScuAssociation::~MddScuAssociation()
@@ -57,6 +83,7 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	std::string address = host + ":" + std::to_string(port);
 
 	mddInitialiseDcmtk();
+	acceptedNone_ = false;
 	if (contexts.empty() || contexts.size() > 128)
 	{
 		error = "cannot propose " + std::to_string(contexts.size()) +
@@ -104,6 +131,7 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	if (ASC_countAcceptedPresentationContexts(assoc_->params) == 0)
 	{
 		error = peerAE + " accepted none of the presentation contexts proposed";
+		acceptedNone_ = true;
 		abort();
 		return false;
 	}
@@ -398,7 +426,8 @@ sendConverted(T_ASC_Association *assoc, T_ASC_PresentationContextID presID,
 MddStoreOutcome
 mddSendStored(T_ASC_Association *assoc, int fd, bool asGetProvider,
 			  const MddStoreRequest &req, int timeout, const MddDicomCallbacks *cb,
-			  DIC_US cancelMessageID, bool *cancelled, DIC_US *status, std::string &error)
+			  DIC_US cancelMessageID, bool *cancelled, DIC_US *status, std::string &error,
+			  std::string *comment)
 {
 	bool		convert = false;
 	size_t		offset = 0;
@@ -450,6 +479,14 @@ mddSendStored(T_ASC_Association *assoc, int fd, bool asGetProvider,
 			return MDD_STORE_BROKEN;
 		}
 		cond = DIMSE_receiveCommand(assoc, DIMSE_BLOCKING, timeout, &rspID, &rsp, &detail);
+		if (comment)
+		{
+			OFString	text;
+
+			comment->clear();
+			if (detail && detail->findAndGetOFString(DCM_ErrorComment, text).good())
+				comment->assign(text.c_str());
+		}
 		delete detail;
 		if (cond.bad())
 		{

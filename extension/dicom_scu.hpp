@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 /* a presentation context to propose */
@@ -43,15 +44,28 @@ public:
 
 	T_ASC_Association *get() const { return assoc_; }
 
+	/* after a failed open: the peer associated but accepted no context */
+	bool		acceptedNone() const { return acceptedNone_; }
+
 private:
 	T_ASC_Network *net_;
 	T_ASC_Parameters *params_;
 	T_ASC_Association *assoc_;
+	bool		acceptedNone_ = false;
 };
 
 /* the transfer syntaxes a receiver of uncompressed data always understands */
 extern const char *const mddUncompressedTransferSyntaxes[3];
 bool		mddIsUncompressed(const std::string &transferSyntax);
+
+/*
+ * The contexts to propose for sending objects of these SOP classes in
+ * these stored transfer syntaxes (pairs class, syntax): for each SOP
+ * class, its stored syntaxes one context each, and the uncompressed ones
+ * together as a fallback for uncompressed objects.
+ */
+std::vector<MddProposedContext> mddStoreContexts(
+	const std::vector<std::pair<std::string, std::string>> &classesAndSyntaxes);
 
 /* one stored object to send by C-STORE */
 struct MddStoreRequest
@@ -81,11 +95,13 @@ enum MddStoreOutcome
  * converted to another uncompressed syntax when only that was accepted.
  * asGetProvider: the association is a C-GET served by mdd, so only
  * contexts where the peer took the storage SCP role are used.  A C-CANCEL
- * for cancelMessageID that arrives meanwhile sets *cancelled.
+ * for cancelMessageID that arrives meanwhile sets *cancelled.  comment,
+ * when given, receives the Error Comment of the response (empty if none).
  */
 MddStoreOutcome mddSendStored(T_ASC_Association *assoc, int fd, bool asGetProvider,
 							  const MddStoreRequest &req, int timeout,
 							  const MddDicomCallbacks *cb, DIC_US cancelMessageID,
-							  bool *cancelled, DIC_US *status, std::string &error);
+							  bool *cancelled, DIC_US *status, std::string &error,
+							  std::string *comment = NULL);
 
 #endif

@@ -3,7 +3,7 @@
 
 CREATE TABLE mdd.job (
 	id				bigserial PRIMARY KEY,
-	kind			text NOT NULL CHECK (kind IN ('archive', 'restore')),
+	kind			text NOT NULL CHECK (kind IN ('archive', 'restore', 'send')),
 	state			text NOT NULL DEFAULT 'queued'
 					CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
 	storage			integer REFERENCES mdd.storage(id),	-- where the objects go
@@ -89,6 +89,9 @@ AS $$
 DECLARE
 	s text;
 BEGIN
+	-- queue behind the step being worked on, ahead of the runner's next one
+	-- (see mdd._job_step): a row lock alone lets the runner take it again
+	PERFORM pg_advisory_xact_lock(1296319522, cancel.job::int);
 	SELECT j.state INTO s FROM mdd.job j WHERE j.id = cancel.job FOR UPDATE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'job % does not exist', coalesce(cancel.job::text, 'NULL')

@@ -413,6 +413,10 @@ DECLARE
 	first_error text;
 	wait_until timestamptz;
 BEGIN
+	-- a fair lock first: mdd.cancel waiting for this job gets it before
+	-- the next step does (waiters of a row lock are passed over by a new
+	-- locker that finds the row free)
+	PERFORM pg_advisory_xact_lock(1296319522, _job_step.job::int);
 	SELECT * INTO j FROM mdd.job x WHERE x.id = _job_step.job FOR UPDATE;
 	IF NOT FOUND THEN
 		RETURN 'finished';
@@ -422,9 +426,10 @@ BEGIN
 		UPDATE mdd.job x SET state = 'running', started_at = now() WHERE x.id = j.id;
 		j.state := 'running';
 	END IF;
-	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 	-- the wait it was due after is over: the other runners need not look at it
 	UPDATE mdd.job x SET next_attempt_at = NULL WHERE x.id = j.id AND x.next_attempt_at IS NOT NULL;
+	IF j.kind = 'send' THEN RETURN mdd._send_step(j); END IF;	-- sql/send.sql
+	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN
 		PERFORM mdd._release_items(j);

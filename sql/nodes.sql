@@ -9,6 +9,7 @@ CREATE TABLE mdd.node (
 	may_store		boolean NOT NULL DEFAULT true,
 	may_query		boolean NOT NULL DEFAULT true,
 	may_retrieve	boolean NOT NULL DEFAULT true,
+	may_send		boolean NOT NULL DEFAULT true,	-- mdd may send objects to it
 	options			jsonb NOT NULL DEFAULT '{}',
 	created_at		timestamptz NOT NULL DEFAULT now()
 );
@@ -17,7 +18,9 @@ CREATE INDEX ON mdd.node (ae_title);
 -- mdd.add_node: a DICOM application entity.  host and port say where it
 -- listens (for C-ECHO, C-MOVE destinations); an incoming association from
 -- its AE title is accepted only from that host when host is set.  Options:
--- {"store": bool, "query": bool, "retrieve": bool} (default all true).
+-- {"store": bool, "query": bool, "retrieve": bool} (default all true): what
+-- it may ask of mdd; {"send": bool} (default true): whether mdd sends
+-- objects to it (mdd.send, C-MOVE destination).
 CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
 							 options jsonb DEFAULT '{}')
 RETURNS void
@@ -46,16 +49,18 @@ BEGIN
 		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
-	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve');
+	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve', 'send');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
-			USING ERRCODE = '22023', HINT = 'Options are "store", "query" and "retrieve".';
+			USING ERRCODE = '22023', HINT = 'Options are "store", "query", "retrieve" and "send".';
 	END IF;
-	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, options)
+	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, may_send,
+						  options)
 	VALUES (add_node.name, add_node.ae_title, nullif(add_node.host, ''), add_node.port,
 			coalesce((options->>'store')::boolean, true),
 			coalesce((options->>'query')::boolean, true),
 			coalesce((options->>'retrieve')::boolean, true),
+			coalesce((options->>'send')::boolean, true),
 			options);
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
@@ -63,7 +68,7 @@ END;
 $$;
 
 CREATE VIEW mdd.nodes AS
-SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, created_at
+SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at
 FROM mdd.node;
 
 CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text

@@ -1,8 +1,9 @@
 -- mdd: what the DICOM C-MOVE and C-GET services send, and where to
 
 -- Where the C-MOVE destination with this AE title listens.  It must be a
--- registered node with a host and port, whatever mdd.accept_unknown_nodes
--- says: an archive sends patient data only to places it was told about.
+-- registered node with a host and port that mdd may send to, whatever
+-- mdd.accept_unknown_nodes says: an archive sends patient data only to
+-- places it was told about.
 CREATE FUNCTION mdd._dicom_destination(ae_title text, OUT host text, OUT port integer)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -11,10 +12,14 @@ DECLARE
 BEGIN
 	SELECT * INTO n FROM mdd.node x
 	WHERE x.ae_title = _dicom_destination.ae_title AND x.host IS NOT NULL AND x.port IS NOT NULL
-	ORDER BY x.id LIMIT 1;
+	ORDER BY x.may_send DESC, x.id LIMIT 1;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'move destination "%" is not a node with a host and port', ae_title
 			USING ERRCODE = '42704', HINT = 'Register it with mdd.add_node.';
+	END IF;
+	IF NOT n.may_send THEN
+		RAISE EXCEPTION 'move destination "%" is a node mdd may not send to', ae_title
+			USING ERRCODE = '42704', HINT = 'Its node option "send" is false.';
 	END IF;
 	host := n.host;
 	port := n.port;

@@ -30,7 +30,8 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 	mdd.export(bigint, text, boolean, boolean), mdd.echo(text),
 	mdd.archive(bigint[], text, boolean), mdd.restore(bigint[], boolean),
 	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text),
-	mdd.preview_rule(text, boolean), mdd.run_rule(text, boolean) TO mdd_operator;
+	mdd.preview_rule(text, boolean), mdd.run_rule(text, boolean),
+	mdd.send(bigint[], text, boolean) TO mdd_operator;
 
 -- administrators: storages, the audit trail, the catalog tables for reports
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
