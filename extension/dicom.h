@@ -32,7 +32,11 @@ typedef enum MddDicomStatus
 	MDD_DICOM_OUT_OF_MEMORY,
 	MDD_DICOM_NETWORK,			/* connection, negotiation or peer failure */
 	MDD_DICOM_NOT_SENDABLE,		/* the peer accepts no context the object can go in */
-	MDD_DICOM_INTERNAL			/* anything else (a caught C++ exception) */
+	MDD_DICOM_INTERNAL,			/* anything else (a caught C++ exception) */
+	MDD_DICOM_INVALID,			/* readable, but a required attribute is
+								 * missing or has an impossible value */
+	MDD_DICOM_UNSUPPORTED		/* valid, but in a form mdd cannot use (for
+								 * example compressed dose pixels) */
 } MddDicomStatus;
 
 /*
@@ -255,6 +259,90 @@ extern MddDicomStatus mdd_dicom_sender_store(MddDicomSender *sender,
 
 /* release the association (or abort it when release is 0) and free sender */
 extern void mdd_dicom_sender_close(MddDicomSender *sender, int release);
+
+/* ---------------------------------------------------------------------
+ * RT Dose grids and RT Structure Set contours (dicom_rt.cpp), read for
+ * dose-volume histograms.  Geometry is in DICOM patient coordinates (mm).
+ * ---------------------------------------------------------------------
+ */
+
+/* one RT Dose grid; malloc()ed, released with mdd_dicom_free_dose */
+typedef struct MddDoseGrid
+{
+	int			rows;
+	int			columns;
+	int			frames;
+	double		position[3];	/* centre of the first voxel (Image Position) */
+	double		row_direction[3];	/* along a row: the column index grows */
+	double		column_direction[3];	/* down a column: the row index grows */
+	double		normal[3];		/* row_direction x column_direction */
+	double		row_spacing;	/* mm between rows (Pixel Spacing, 1st value) */
+	double		column_spacing; /* mm between columns (2nd value) */
+	double	   *frame_offsets;	/* per frame: mm along normal from position */
+	double	   *dose;			/* frames x rows x columns: stored value x
+								 * Dose Grid Scaling, frame by frame, row by
+								 * row */
+	char		frame_of_reference_uid[65];
+	char		dose_units[17]; /* as stored: GY, RELATIVE, ... */
+	char		dose_type[17];
+	char		summation_type[17];
+} MddDoseGrid;
+
+/* one closed planar contour of a ROI */
+typedef struct MddContour
+{
+	int			npoints;
+	const double *points;		/* npoints (x, y, z) triples */
+} MddContour;
+
+/* one ROI of a structure set, with its closed planar contours */
+typedef struct MddRoi
+{
+	int			number;			/* ROI Number */
+	const char *name;			/* ROI Name, UTF-8 ("" when absent) */
+	const char *frame_of_reference_uid; /* the ROI's, or "" when absent */
+	int			ncontours;
+	const MddContour *contours;
+} MddRoi;
+
+/*
+ * The ROIs of an RT Structure Set in the order of StructureSetROISequence;
+ * malloc()ed, released with mdd_dicom_free_structure_set.  Contours other
+ * than CLOSED_PLANAR (points, open contours) are not included;
+ * skipped_contours counts them.
+ */
+typedef struct MddStructureSet
+{
+	int			nrois;
+	MddRoi	   *rois;
+	int			skipped_contours;
+	char		frame_of_reference_uid[65]; /* of ReferencedFrameOfReferenceSequence, or "" */
+	/* storage the pointers above point into */
+	MddContour *contour_store;
+	double	   *point_store;
+	char	   *string_store;
+} MddStructureSet;
+
+/*
+ * Read an RT Dose object held in memory.  MDD_DICOM_OK with *grid set, or
+ * a status (MDD_DICOM_INVALID names the attribute at fault) and a message;
+ * grids of more than max_voxels voxels are refused (MDD_DICOM_UNSUPPORTED).
+ */
+extern MddDicomStatus mdd_dicom_read_dose(const unsigned char *data, size_t len,
+										  size_t max_voxels, MddDoseGrid **grid,
+										  char *errbuf, size_t errbuf_len);
+
+extern void mdd_dicom_free_dose(MddDoseGrid *grid);
+
+/*
+ * Read an RT Structure Set object held in memory.  MDD_DICOM_OK with *set
+ * set, or a status and a message naming the sequence item at fault.
+ */
+extern MddDicomStatus mdd_dicom_read_structure_set(const unsigned char *data, size_t len,
+												   MddStructureSet **set,
+												   char *errbuf, size_t errbuf_len);
+
+extern void mdd_dicom_free_structure_set(MddStructureSet *set);
 
 #ifdef __cplusplus
 }

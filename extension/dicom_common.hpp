@@ -20,4 +20,15 @@ void		mddSetError(char *errbuf, size_t len, const std::string &msg);
  */
 void		mddInitialiseDcmtk();
 
+class DcmItem;
+
+/*
+ * Give text attributes of item (and of the items of its sequences) that
+ * arrived with VR UN (from a converter that did not know them) their
+ * dictionary VR, so that they are read and decoded like any other text,
+ * Specific Character Set included.  Only the in-memory copy changes; the
+ * stored bytes stay as received.
+ */
+void		mddRetypeUnknownText(DcmItem *item, int depth = 0);
+
 #endif

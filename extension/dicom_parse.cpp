@@ -63,58 +63,6 @@ struct Self
 };
 
 
-/*
- * Give text attributes that arrived with VR UN (from a converter that did
- * not know them) their dictionary VR, so that they are decoded like any
- * other text, Specific Character Set included.  Only the in-memory copy
- * changes; the stored bytes stay as received.
- */
-void
-retypeUnknownText(DcmItem *item, int depth)
-{
-	if (depth > 32)
-		return;
-	for (unsigned long i = 0; i < item->card(); i++)
-	{
-		DcmElement *e = item->getElement(i);
-		DcmEVR		vr = e->getTag().getEVR();
-
-		if (vr == EVR_SQ)
-		{
-			DcmSequenceOfItems *sq = static_cast<DcmSequenceOfItems *>(static_cast<DcmObject *>(e));
-
-			for (unsigned long j = 0; j < sq->card(); j++)
-				retypeUnknownText(sq->getItem(j), depth + 1);
-			continue;
-		}
-		if (vr != EVR_UN || e->getTag().isPrivate())
-			continue;
-
-		DcmTag		dictTag(e->getTag().getXTag());
-		DcmVR		dictVR(dictTag.getEVR());
-		Uint8	   *bytes = NULL;
-
-		if (!dictVR.isaString() || dictVR.getEVR() == EVR_UN)
-			continue;
-		if (e->getUint8Array(bytes).bad() || (bytes == NULL && e->getLength() > 0))
-			continue;
-
-		std::string text(reinterpret_cast<const char *>(bytes), e->getLength());
-		DcmElement *typed = NULL;
-
-		while (!text.empty() && (text.back() == ' ' || text.back() == '\0'))
-			text.pop_back();
-		if (DcmItem::newDicomElement(typed, dictTag.getXTag()).bad() || typed == NULL)
-			continue;
-		if (typed->putOFStringArray(OFString(text.data(), text.size())).bad() ||
-			item->insert(typed, OFTrue).bad())
-		{
-			delete typed;
-			continue;
-		}
-	}
-}
-
 std::string
 getString(DcmItem *item, const DcmTagKey &key)
 {
@@ -633,7 +581,7 @@ parse(const unsigned char *data, size_t len, char **json_out,
 		return MDD_DICOM_NOT_DICOM;
 	}
 
-	retypeUnknownText(ds, 0);
+	mddRetypeUnknownText(ds);
 
 	std::string sopInstance = getString(ds, DCM_SOPInstanceUID);
 	std::string sopClass = getString(ds, DCM_SOPClassUID);
