@@ -16,7 +16,7 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o extension/dicom_scu.o extension/dicom_retrieve.o extension/dicom_send.o extension/dicom_service.o \
 	extension/dicom_rt.o extension/dvh.o \
 	extension/network.o extension/send.o extension/job_wake.o \
-	extension/rule_select.o extension/cron.o extension/throttle.o \
+	extension/shmem.o extension/rule_select.o extension/cron.o extension/throttle.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
 	bgworker/listener.o bgworker/runner.o bgworker/scheduler.o
 

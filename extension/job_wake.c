@@ -20,9 +20,7 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/lwlock.h"
 #include "storage/proc.h"
-#include "storage/shmem.h"
 
 #include "mdd.h"
 
@@ -35,33 +33,15 @@ typedef struct RunnerLatches
 static RunnerLatches *runner_latches = NULL;
 static bool wake_at_commit = false;
 static bool wake_scheduler_at_commit = false;
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static void
-request_shmem(void)
+init_latches(void *region)
 {
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(RunnerLatches)));
-}
+	RunnerLatches *latches = region;
 
-static void
-startup_shmem(void)
-{
-	bool		found;
-
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	runner_latches = ShmemInitStruct("mdd job runners", sizeof(RunnerLatches), &found);
-	if (!found)
-	{
-		for (int i = 0; i < MDD_MAX_RUNNERS; i++)
-			runner_latches->pgprocno[i] = -1;
-		runner_latches->scheduler_pgprocno = -1;
-	}
-	LWLockRelease(AddinShmemInitLock);
+	for (int i = 0; i < MDD_MAX_RUNNERS; i++)
+		latches->pgprocno[i] = -1;
+	latches->scheduler_pgprocno = -1;
 }
 
 static void
@@ -110,12 +90,8 @@ mdd_job_wake_init(bool preloading)
 {
 	RegisterXactCallback(job_wake_xact_callback, NULL);
 	if (preloading)
-	{
-		prev_shmem_request_hook = shmem_request_hook;
-		shmem_request_hook = request_shmem;
-		prev_shmem_startup_hook = shmem_startup_hook;
-		shmem_startup_hook = startup_shmem;
-	}
+		mdd_shmem_region("mdd job runners", sizeof(RunnerLatches), (void **) &runner_latches,
+						 init_latches);
 }
 
 static void

@@ -33,6 +33,10 @@ extern void mdd_storage_file_init(void);
 /* tally.c */
 extern void mdd_tally_init(void);
 
+/* shmem.c: shared memory regions of the subsystems */
+extern void mdd_shmem_region(const char *name, Size size, void **pointer,
+							 void (*init) (void *region));
+
 /* job_wake.c */
 #define MDD_MAX_RUNNERS 32
 extern void mdd_job_wake_init(bool preloading);

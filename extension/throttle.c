@@ -18,9 +18,6 @@
 
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "storage/ipc.h"
-#include "storage/lwlock.h"
-#include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
 
@@ -35,42 +32,22 @@ typedef struct ThrottleClock
 } ThrottleClock;
 
 static ThrottleClock *throttle_clock = NULL;
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static void
-request_shmem(void)
+init_clock(void *region)
 {
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(ThrottleClock)));
-}
+	ThrottleClock *clock = region;
 
-static void
-startup_shmem(void)
-{
-	bool		found;
-
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	throttle_clock = ShmemInitStruct("mdd rule bandwidth", sizeof(ThrottleClock), &found);
-	if (!found)
-	{
-		SpinLockInit(&throttle_clock->mutex);
-		throttle_clock->next_free = 0;
-	}
-	LWLockRelease(AddinShmemInitLock);
+	SpinLockInit(&clock->mutex);
+	clock->next_free = 0;
 }
 
 /* from _PG_init when preloading */
 void
 mdd_throttle_init(void)
 {
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = request_shmem;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = startup_shmem;
+	mdd_shmem_region("mdd rule bandwidth", sizeof(ThrottleClock), (void **) &throttle_clock,
+					 init_clock);
 }
 
 PG_FUNCTION_INFO_V1(mdd_throttle_sql);

@@ -411,7 +411,6 @@ DECLARE
 	j mdd.job;
 	target mdd.storage;
 	first_error text;
-	wait_until timestamptz;
 BEGIN
 	-- a fair lock first: mdd.cancel waiting for this job gets it before
 	-- the next step does (waiters of a row lock are passed over by a new
@@ -428,7 +427,13 @@ BEGIN
 	END IF;
 	-- the wait it was due after is over: the other runners need not look at it
 	UPDATE mdd.job x SET next_attempt_at = NULL WHERE x.id = j.id AND x.next_attempt_at IS NOT NULL;
-	IF j.kind = 'send' THEN RETURN mdd._send_step(j); END IF;	-- sql/send.sql
+	IF j.kind = 'send' THEN
+		-- sql/send.sql; each step takes a new batch
+		IF j.state = 'running' AND mdd._rule_window_closed(j) IS NOT NULL THEN
+			RETURN 'wait';
+		END IF;
+		RETURN mdd._rule_throttle(j, mdd._send_step(j));
+	END IF;
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN
@@ -446,24 +451,11 @@ BEGIN
 	END IF;
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'copying') THEN
 		PERFORM mdd._copy_items(j, target);
-		IF j.rule IS NOT NULL THEN
-			-- rule-driven work keeps within mdd.rule_bandwidth
-			wait_until := mdd._throttle((SELECT x.bytes FROM mdd.job x WHERE x.id = j.id) - j.bytes, now());
-			IF wait_until > clock_timestamp() THEN
-				UPDATE mdd.job x SET next_attempt_at = wait_until WHERE x.id = j.id;
-				RETURN 'wait';
-			END IF;
-		END IF;
-		RETURN 'more';
+		RETURN mdd._rule_throttle(j, 'more');		-- sql/rules.sql
 	END IF;
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'pending') THEN
 		-- a rule's run takes new batches only inside the rule's window
-		wait_until := mdd._rule_window_wait(j);
-		IF wait_until IS NOT NULL THEN
-			UPDATE mdd.job x SET next_attempt_at = wait_until,
-				   error = format('waiting for the window of rule %s, which opens at %s',
-								  j.options->>'rule', wait_until)
-			WHERE x.id = j.id;
+		IF mdd._rule_window_closed(j) IS NOT NULL THEN
 			RETURN 'wait';
 		END IF;
 		IF mdd._prepare_items(j, target) = 0 THEN

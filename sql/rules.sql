@@ -3,6 +3,9 @@
 -- schedule and a window of quiet hours; its runs are jobs of the job queue,
 -- started by mdd.run_rule or by the rule scheduler (bgworker/scheduler.c).
 --
+-- A send rule sends each object once: what a send job already delivered to
+-- the node is not selected again.
+--
 -- A predicate runs with the rights of the role that created the rule, in a
 -- read-only, security-restricted operation (extension/rule_select.c).
 -- Schedules and windows are read in the server's time zone: the scheduler
@@ -13,8 +16,9 @@ CREATE TABLE mdd.rule (
 	name			text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
 	owner			oid NOT NULL,	-- the role whose rights the predicate runs with
 	predicate		text NOT NULL,
-	action			text NOT NULL CHECK (action IN ('archive', 'restore')),
+	action			text NOT NULL CHECK (action IN ('archive', 'restore', 'send')),
 	storage			integer REFERENCES mdd.storage(id),	-- where archive sends objects
+	node			integer REFERENCES mdd.node(id),	-- where send sends them
 	schedule		text,			-- 5-field cron; NULL: run by hand only
 	window_start	time,
 	window_end		time,			-- before window_start: the window spans midnight
@@ -26,7 +30,8 @@ CREATE TABLE mdd.rule (
 	last_error		text,			-- why the scheduler could not start the last run
 	last_error_at	timestamptz,
 	CHECK ((window_start IS NULL) = (window_end IS NULL)),
-	CHECK (action <> 'archive' OR storage IS NOT NULL)
+	CHECK (action <> 'archive' OR storage IS NOT NULL),
+	CHECK ((action = 'send') = (node IS NOT NULL))
 );
 ALTER TABLE mdd.job ADD FOREIGN KEY (rule) REFERENCES mdd.rule(id) ON DELETE SET NULL;
 
@@ -41,11 +46,31 @@ CREATE FUNCTION mdd._wake_scheduler() RETURNS void
 	AS 'MODULE_PATHNAME', 'mdd_wake_scheduler_sql' LANGUAGE C VOLATILE;
 
 -- The objects an action can act on at all: archive takes what is online,
--- restore what is archived.
+-- restore what is archived, send DICOM objects.
 CREATE FUNCTION mdd._rule_scope(action text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT CASE action WHEN 'archive' THEN 'o.tier = ''online''' ELSE 'o.tier = ''archive''' END
+	SELECT CASE action WHEN 'archive' THEN 'o.tier = ''online'''
+					   WHEN 'restore' THEN 'o.tier = ''archive'''
+					   ELSE 'o.kind = ''dicom''' END
+$$;
+
+-- The objects a rule selects now: its predicate, as its owner, within its
+-- action's scope; for a send rule, less what send jobs already delivered
+-- to its node.
+CREATE FUNCTION mdd._rule_objects(r mdd.rule) RETURNS bigint[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	ids bigint[] := mdd._rule_select(r.owner, r.predicate, mdd._rule_scope(r.action), NULL);
+BEGIN
+	IF r.action = 'send' AND cardinality(ids) > 0 THEN
+		SELECT coalesce(array_agg(x ORDER BY x), '{}') INTO ids FROM unnest(ids) x
+		WHERE NOT EXISTS (SELECT 1 FROM mdd.job_item i JOIN mdd.job j ON j.id = i.job
+						  WHERE i.object = x AND i.state = 'done' AND j.kind = 'send' AND j.node = r.node);
+	END IF;
+	RETURN ids;
+END;
 $$;
 
 -- Whether a time lies inside a window (in the session's time zone).  No
@@ -99,6 +124,46 @@ BEGIN
 END;
 $$;
 
+-- For a step of a rule's job that moved or sent objects: keep rule work
+-- within mdd.rule_bandwidth.  'wait' (the job waits until the cap allows
+-- its next step) or the step's own result.
+CREATE FUNCTION mdd._rule_throttle(j mdd.job, result text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	wait_until timestamptz;
+BEGIN
+	IF j.rule IS NULL OR result <> 'more' THEN
+		RETURN result;
+	END IF;
+	wait_until := mdd._throttle((SELECT x.bytes FROM mdd.job x WHERE x.id = j.id) - j.bytes, now());
+	IF wait_until <= clock_timestamp() THEN
+		RETURN result;
+	END IF;
+	UPDATE mdd.job x SET next_attempt_at = wait_until WHERE x.id = j.id;
+	RETURN 'wait';
+END;
+$$;
+
+-- For a step of a rule's job about to take a new batch: 'wait' when the
+-- rule's window is closed (the job waits until it opens), else NULL.
+CREATE FUNCTION mdd._rule_window_closed(j mdd.job) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	opens timestamptz := mdd._rule_window_wait(j);
+BEGIN
+	IF opens IS NULL THEN
+		UPDATE mdd.job x SET error = NULL WHERE x.id = j.id AND x.error LIKE 'waiting for the window %';
+		RETURN NULL;
+	END IF;
+	UPDATE mdd.job x SET next_attempt_at = opens,
+		   error = format('waiting for the window of rule %s, which opens at %s', j.options->>'rule', opens)
+	WHERE x.id = j.id;
+	RETURN 'wait';
+END;
+$$;
+
 -- The rule of that name, or 42704.
 CREATE FUNCTION mdd._rule(name text, lock boolean DEFAULT false) RETURNS mdd.rule
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -123,13 +188,14 @@ CREATE FUNCTION mdd.create_rule(name text, predicate text, action text DEFAULT '
 								storage text DEFAULT NULL, schedule text DEFAULT NULL,
 								window_start time DEFAULT NULL, window_end time DEFAULT NULL,
 								batch_size integer DEFAULT 500,
-								include_related boolean DEFAULT true)
+								include_related boolean DEFAULT true, node text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	owner oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = mdd._caller());
 	target integer;
+	receiver mdd.node;
 BEGIN
 	IF name IS NULL OR predicate IS NULL OR action IS NULL OR batch_size IS NULL
 	   OR include_related IS NULL THEN
@@ -144,21 +210,25 @@ BEGIN
 		RAISE EXCEPTION 'rule "%" already exists', name
 			USING ERRCODE = '42710', HINT = 'Drop it first with mdd.drop_rule.';
 	END IF;
-	IF action = 'send' THEN
-		RAISE EXCEPTION 'rule action "send" is not available yet'
-			USING ERRCODE = '0A000',
-				  DETAIL = 'Rules can send objects to a node once mdd.send exists; this version has no mdd.send.',
-				  HINT = 'Use the action archive or restore.';
-	END IF;
-	IF action NOT IN ('archive', 'restore') THEN
+	IF action NOT IN ('archive', 'restore', 'send') THEN
 		RAISE EXCEPTION 'invalid rule action "%"', action
-			USING ERRCODE = '22023', HINT = 'The actions are archive and restore.';
+			USING ERRCODE = '22023', HINT = 'The actions are archive, restore and send.';
 	END IF;
 	IF action = 'archive' THEN
 		target := (mdd._archive_target(storage)).id;
 	ELSIF storage IS NOT NULL THEN
-		RAISE EXCEPTION 'a rule that restores takes no storage'
-			USING ERRCODE = '22023', DETAIL = 'Restored objects go to the online storage.';
+		RAISE EXCEPTION 'a rule that %s takes no storage', action
+			USING ERRCODE = '22023', DETAIL = 'Only archive rules name a storage.';
+	END IF;
+	IF action = 'send' THEN
+		SELECT * INTO receiver FROM mdd.node x WHERE x.name = create_rule.node;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'node "%" does not exist', coalesce(create_rule.node, 'NULL')
+				USING ERRCODE = '42704', HINT = 'A send rule names the node it sends to; see mdd.nodes.';
+		END IF;
+	ELSIF node IS NOT NULL THEN
+		RAISE EXCEPTION 'a rule that %s takes no node', action
+			USING ERRCODE = '22023', DETAIL = 'Only send rules name a node.';
 	END IF;
 	IF schedule IS NOT NULL THEN
 		PERFORM mdd._cron_next(schedule, now());
@@ -175,15 +245,15 @@ BEGIN
 	-- syntax, type, tables, columns and permissions, as the owner, reading nothing
 	PERFORM mdd._rule_select(owner, predicate, mdd._rule_scope(action), 0);
 
-	INSERT INTO mdd.rule (name, owner, predicate, action, storage, schedule, window_start,
+	INSERT INTO mdd.rule (name, owner, predicate, action, storage, node, schedule, window_start,
 						  window_end, batch_size, include_related)
-	VALUES (name, owner, predicate, action, target, schedule, window_start, window_end,
+	VALUES (name, owner, predicate, action, target, receiver.id, schedule, window_start, window_end,
 			batch_size, include_related);
 	PERFORM mdd._audit('create rule', NULL, NULL, format('rule %s: %s %s', name, action, predicate));
 	PERFORM mdd._wake_scheduler();
 END;
 $$;
-COMMENT ON FUNCTION mdd.create_rule(text, text, text, text, text, time, time, integer, boolean) IS
+COMMENT ON FUNCTION mdd.create_rule(text, text, text, text, text, time, time, integer, boolean, text) IS
 	'Create an archive rule: a condition over mdd.objects o, an action, a cron schedule and a window';
 
 CREATE FUNCTION mdd.preview_rule(name text, include_related boolean DEFAULT false)
@@ -192,7 +262,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	r mdd.rule := mdd._rule(name);
-	ids bigint[] := mdd._rule_select(r.owner, r.predicate, mdd._rule_scope(r.action), NULL);
+	ids bigint[] := mdd._rule_objects(r);
 BEGIN
 	IF include_related AND r.include_related AND cardinality(ids) > 0 THEN
 		ids := mdd._closure(ids, true);
@@ -229,11 +299,13 @@ BEGIN
 		RETURN NULL;
 	END IF;
 
-	ids := mdd._rule_select(r.owner, r.predicate, mdd._rule_scope(r.action), NULL);
+	ids := mdd._rule_objects(r);
 	IF r.include_related AND cardinality(ids) > 0 THEN
 		ids := mdd._closure(ids, true);
 	END IF;
-	IF r.action = 'archive' THEN
+	IF r.action = 'send' THEN
+		job := mdd._queue_send(ids, (SELECT x.name FROM mdd.node x WHERE x.id = r.node));
+	ELSIF r.action = 'archive' THEN
 		SELECT * INTO target FROM mdd.storage s WHERE s.id = r.storage;
 		IF target.read_only THEN
 			RAISE EXCEPTION 'storage "%" is read-only', target.name USING ERRCODE = '25006';
@@ -244,12 +316,13 @@ BEGIN
 			SELECT * INTO target FROM mdd.storage s WHERE s.name = 'online';
 		END IF;
 	END IF;
-	job := mdd._queue_move(r.action, ids, target, false,
-						   jsonb_build_object('batch', r.batch_size, 'rule', r.name,
-											  'ignore_window', coalesce(ignore_window, false),
-											  'scheduled', NOT manual),
-						   true);
+	IF r.action <> 'send' THEN
+		job := mdd._queue_move(r.action, ids, target, false, '{}', true);
+	END IF;
 	UPDATE mdd.job j SET rule = r.id,
+		   options = j.options || jsonb_build_object('batch', r.batch_size, 'rule', r.name,
+													 'ignore_window', coalesce(ignore_window, false),
+													 'scheduled', NOT manual),
 		   created_by = CASE WHEN manual THEN j.created_by ELSE pg_catalog.pg_get_userbyid(r.owner) END
 	WHERE j.id = job;
 	UPDATE mdd.rule x SET last_job = job, last_error = NULL, last_error_at = NULL WHERE x.id = r.id;
@@ -327,6 +400,7 @@ SELECT r.name,
 	   pg_catalog.pg_get_userbyid(r.owner)::text COLLATE "default" AS owner,
 	   r.action,
 	   s.name AS storage,
+	   n.name AS node,
 	   r.predicate,
 	   r.schedule,
 	   r.window_start,
@@ -345,6 +419,7 @@ SELECT r.name,
 	   coalesce(r.last_error, lj.error) AS last_error
 FROM mdd.rule r
 LEFT JOIN mdd.storage s ON s.id = r.storage
+LEFT JOIN mdd.node n ON n.id = r.node
 LEFT JOIN mdd.job lj ON lj.id = r.last_job
 LEFT JOIN LATERAL (SELECT sum(j.done)::bigint AS objects, sum(j.bytes)::bigint AS bytes
 				   FROM mdd.job j WHERE j.rule = r.id) t ON true;

@@ -29,22 +29,20 @@ AS $$
 	END
 $$;
 
--- mdd.send: queue a job sending objects to a node by C-STORE.  With
--- include_related, every object of mdd.related of each object goes too.
-CREATE FUNCTION mdd.send(object_ids bigint[], node text, include_related boolean DEFAULT false)
-RETURNS bigint
+-- Queue a job sending these objects to the node of that name (a send
+-- rule's run may have none to send: its job ends at once).
+CREATE FUNCTION mdd._queue_send(ids bigint[], node text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	n mdd.node;
-	ids bigint[];
 	doc bigint;
 	patients text[];
 	job bigint;
 BEGIN
-	SELECT * INTO n FROM mdd.node x WHERE x.name = send.node;
+	SELECT * INTO n FROM mdd.node x WHERE x.name = _queue_send.node;
 	IF NOT FOUND THEN
-		RAISE EXCEPTION 'node "%" does not exist', coalesce(send.node, 'NULL')
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(_queue_send.node, 'NULL')
 			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
 	END IF;
 	IF n.host IS NULL OR n.port IS NULL THEN
@@ -55,7 +53,6 @@ BEGIN
 		RAISE EXCEPTION 'node "%" may not receive objects from this archive', n.name
 			USING ERRCODE = '42501', HINT = 'Its node option "send" is false.';
 	END IF;
-	ids := mdd._closure(object_ids, coalesce(include_related, false));
 	SELECT o.id INTO doc FROM mdd.object o WHERE o.id = ANY (ids) AND o.kind <> 'dicom'
 	ORDER BY o.id LIMIT 1;
 	IF FOUND THEN
@@ -77,6 +74,21 @@ BEGIN
 							  n.name, n.ae_title, n.host, n.port));
 	PERFORM mdd._wake_runners();
 	RETURN job;
+END;
+$$;
+
+-- mdd.send: queue a job sending objects to a node by C-STORE.  With
+-- include_related, every object of mdd.related of each object goes too.
+CREATE FUNCTION mdd.send(object_ids bigint[], node text, include_related boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM mdd.node x WHERE x.name = send.node) THEN
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(send.node, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
+	END IF;
+	RETURN mdd._queue_send(mdd._closure(object_ids, coalesce(include_related, false)), node);
 END;
 $$;
 COMMENT ON FUNCTION mdd.send(bigint[], text, boolean) IS
@@ -175,6 +187,8 @@ BEGIN
 		RETURN 'finished';
 	END IF;
 
+	UPDATE mdd.job_item i SET batch = j.batches + 1 WHERE i.job = j.id AND i.object = ANY (ids);
+	UPDATE mdd.job x SET batches = j.batches + 1 WHERE x.id = j.id;
 	refused := mdd._send_open(n.ae_title, n.host, n.port, classes, syntaxes);
 	IF refused IS NOT NULL THEN
 		-- the node takes none of these SOP classes in any syntax offered

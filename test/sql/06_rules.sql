@@ -9,11 +9,12 @@ SET client_min_messages = warning;
 
 BEGIN;
 SET LOCAL jit = off;
-SELECT plan(104);
+SELECT plan(113);
 
 -- the demo EMR (scripts/emr_demo.sql), as the tests and the demo use it
 \ir ../../scripts/emr_demo.sql
 
+SELECT lives_ok($$SELECT mdd.add_node('tps06', 'TPS06', '127.0.0.1', 1)$$, 'a planning system to send to');
 SELECT lives_ok($$SELECT mdd.add_storage('vault06', 'file', 'archive',
 	jsonb_build_object('root', current_setting('mdd_test.dir') || '/allowed'))$$,
 	'an archive-tier storage to archive to');
@@ -201,8 +202,14 @@ SELECT throws_ok($$SELECT mdd.create_rule('bad name!', 'true')$$, '22023', NULL,
 SELECT throws_ok($$SELECT mdd.create_rule(NULL, 'true')$$, '22004', NULL, 'NULL name: 22004');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', NULL)$$, '22004', NULL, 'NULL predicate: 22004');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'delete')$$, '22023', NULL, 'unknown action: 22023');
-SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'send')$$, '0A000',
-				 'rule action "send" is not available yet', 'send, before mdd.send exists: 0A000');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'send')$$, '42704',
+				 'node "NULL" does not exist', 'send without a node: 42704');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'send', node => 'no_such_node')$$, '42704',
+				 'node "no_such_node" does not exist', 'send to an unknown node: 42704');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'archive', 'vault06', node => 'tps06')$$, '22023',
+				 'a rule that archives takes no node', 'archive with a node: 22023');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'send', 'vault06', node => 'tps06')$$, '22023',
+				 'a rule that sends takes no storage', 'send with a storage: 22023');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'archive', 'no_such_storage')$$, '42704', NULL,
 				 'unknown storage: 42704');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'archive', 'online')$$, '22023', NULL,
@@ -302,6 +309,30 @@ SELECT lives_ok($$SELECT mdd.create_rule('nothing', 'false')$$, 'a rule that sel
 SELECT mdd.run_rule('nothing') AS run2 \gset
 SELECT results_eq($$SELECT kind, state, total FROM mdd.jobs WHERE id = $$ || :run2,
 	$$VALUES ('archive', 'queued', 0)$$, 'its run is still a job, of no object');
+
+-- ---------------------------------------------------------------------------
+-- send rules send each object once
+
+SET LOCAL ROLE mdd_t06_admin;
+SELECT lives_ok($$SELECT mdd.create_rule('plans-to-tps', 'o.patient_id = ''R95''', 'send', node => 'tps06',
+					include_related => false)$$,
+				'a send rule names the node it sends to');
+RESET ROLE;
+SELECT is((SELECT array_agg(x ORDER BY x) FROM mdd.preview_rule('plans-to-tps') x),
+		  pg_temp.ids('r95 cbct', 'r95 cbct by image type', 'r95 pct', 'r95 mr', 'r95 reg'),
+		  'it selects the DICOM objects of its predicate');
+SELECT results_eq($$SELECT action, node, storage FROM mdd.rules WHERE name = 'plans-to-tps'$$,
+				  $$VALUES ('send', 'tps06', NULL::text)$$, 'mdd.rules shows its node');
+SELECT mdd.run_rule('plans-to-tps') AS run3 \gset
+SELECT results_eq($$SELECT kind, total, options->>'rule', options->>'batch' FROM mdd.job j WHERE j.id = $$ || :run3,
+				  $$VALUES ('send', 5, 'plans-to-tps', '500')$$, 'its run is a send job of those objects');
+-- as if the job had delivered two of them
+UPDATE mdd.job_item SET state = 'done' WHERE job = :run3
+   AND object = ANY (pg_temp.ids('r95 cbct', 'r95 mr'));
+UPDATE mdd.job SET state = 'done', finished_at = now() WHERE id = :run3;
+SELECT is((SELECT array_agg(x ORDER BY x) FROM mdd.preview_rule('plans-to-tps') x),
+		  pg_temp.ids('r95 cbct by image type', 'r95 pct', 'r95 reg'),
+		  'what the node received is not selected again');
 
 -- ---------------------------------------------------------------------------
 -- the scheduler's tick (mdd._schedule_rules, which bgworker/scheduler.c calls)

@@ -602,6 +602,12 @@ class Run:
         self.findings.append(f"{why} (last {len(recent)} cases in {d})")
 
 
+# the run's patient, study and series exist before any case is sent: else
+# the first object to arrive could be a mutated one whose study UID was
+# damaged, its series would belong to that study, and every control's store
+# into the series would be refused (23000)
+db(query_value, "SELECT mdd.store(%s, 'tap56 setup')",
+   (small_dataset(fresh_uid(random.Random(SEED ^ 0x56)), True, 0),))
 run = Run()
 before_log = log_size()
 listeners_before = listeners()

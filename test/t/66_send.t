@@ -433,24 +433,10 @@ try:
     make_server_dir(os.path.dirname(datadir), mode=0o755)
     cport = free_port()
 
-    def cluster(*args):
-        subprocess.run([os.path.join(top, "scripts", "cluster.sh"), *args], check=True,
-                       stdout=subprocess.DEVNULL, timeout=120)
-
-    def connect_when_up(timeout=60):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return connect(port=cport)
-            except DBError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
     cluster("start", datadir, str(cport), "shared_buffers = 32MB", "max_wal_size = 256MB",
             "mdd.dicom_port = 0", "mdd.job_workers = 1", f"mdd.allowed_paths = '{test_dir}/allowed'")
     try:
-        c2 = connect_when_up()
+        c2 = connect_when_up(cport)
         execute(c2, "CREATE EXTENSION mdd")
         execute(c2, "SELECT count(*) FROM mdd.import(%s)", (os.path.join(src, "ct"),))
         ct2 = [i for (i,) in query(c2, "SELECT id FROM mdd.objects ORDER BY id")]
@@ -471,7 +457,7 @@ try:
         cluster("stop", datadir)
         c2 = None
         cluster("start", datadir, str(cport))
-        c2 = connect_when_up()
+        c2 = connect_when_up(cport)
         before = query_one(c2, "SELECT state, done FROM mdd.jobs WHERE id = %s", (job,))
         ok(before["state"] == "running" and 2 <= before["done"] < len(ct2),
            "after the restart the job is still running, part of it done", f"    {before}")

@@ -32,33 +32,9 @@ rng = random.Random(86)
 bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
 
 
-def cluster(*args):
-    subprocess.run([os.path.join(top, "scripts", "cluster.sh"), *args], check=True,
-                   stdout=subprocess.DEVNULL, timeout=120)
-
-
 def as_postgres(*cmd):
     pre = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
     return subprocess.run(pre + list(cmd), capture_output=True, text=True, timeout=120)
-
-
-def connect_when_up(timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return connect(port=port)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def server_log_tail(n=30):
-    try:
-        with open(os.path.join(datadir, "server.log"), errors="replace") as fh:
-            return "".join(fh.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 generate_patient(src, "TAP86", 86, slices=20, small=1000)
@@ -66,7 +42,7 @@ cluster("start", datadir, str(port), "mdd.dicom_port = 0", "mdd.job_workers = 2"
         f"mdd.allowed_paths = '{test_dir}/allowed'", "restart_after_crash = on")
 conn = None
 try:
-    conn = connect_when_up()
+    conn = connect_when_up(port)
     execute(conn, "CREATE EXTENSION mdd")
     execute(conn, "SELECT count(*) FROM mdd.import(%s)", (src,))
     execute(conn, "SELECT mdd.add_storage('vault', 'file', 'archive', %s)", (f'{{"root": "{vault}"}}',))
@@ -158,10 +134,10 @@ try:
                 os.kill(rng.choice(pids), signal.SIGKILL)
             time.sleep(0.5)  # the postmaster restarts everything
         kills[how] += 1
-        conn = connect_when_up()
+        conn = connect_when_up(port)
         found = problems_now()
         ok(found == [], f"round {rnd + 1}: {kind} killed by {how} after {delay:.2f} s (job was {state_before}): "
-                        "every object reads back right at once", *found, server_log_tail() if found else "")
+                        "every object reads back right at once", *found, server_log_tail(datadir) if found else "")
         final = query_value(conn, "SELECT mdd.wait(%s, '300 s')", (job,))
         ok(final == "done", f"round {rnd + 1}: the job finishes after the restart",
            str(query_one(conn, "SELECT * FROM mdd.jobs WHERE id = %s", (job,))))

@@ -7,7 +7,8 @@
 # and resumes by itself when it opens; the bandwidth cap holds rule work
 # back; a rule never runs twice at once; dropping a rule while it runs
 # cancels the run and leaves every object readable; a run missed while the
-# server was down runs once at start, if the window is open.
+# server was down runs once at start, if the window is open; a send rule
+# delivers the plan and structure set to a planning system (storescp), once.
 import datetime
 import os
 import subprocess
@@ -17,30 +18,14 @@ import time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from mddtap import *  # noqa: E402,F403
+from dicomtools import StoreSCP, dataset_bytes, unprivileged_user  # noqa: E402
 
 test_dir = env("MDD_TEST_DIR")
 top = env("MDD_TOP")
 port = int(env("PGPORT")) + 88
 datadir = os.path.join(test_dir, "rules88")
 vault = make_server_dir(os.path.join(test_dir, "allowed", "vault88"))
-bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
-PATIENTS = ["R88A", "R88B", "R88C", "R88D", "R88E", "R88F", "R88G"]
-
-
-def cluster(*args):
-    subprocess.run([os.path.join(top, "scripts", "cluster.sh"), *args], check=True,
-                   stdout=subprocess.DEVNULL, timeout=120)
-
-
-def connect_when_up(timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return connect(port=port)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+PATIENTS = ["R88A", "R88B", "R88C", "R88D", "R88E", "R88F", "R88G", "R88H"]
 
 
 def wait_for(what, timeout, poll=0.25):
@@ -51,14 +36,6 @@ def wait_for(what, timeout, poll=0.25):
         if v or time.monotonic() > deadline:
             return v
         time.sleep(poll)
-
-
-def server_log_tail(n=30):
-    try:
-        with open(os.path.join(datadir, "server.log"), errors="replace") as fh:
-            return "".join(fh.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 def canonical(patient):
@@ -79,7 +56,7 @@ cluster("start", datadir, str(port), "mdd.dicom_port = 0", "mdd.job_workers = 2"
         f"mdd.allowed_paths = '{test_dir}/allowed'")
 conn = None
 try:
-    conn = connect_when_up()
+    conn = connect_when_up(port)
     execute(conn, "CREATE EXTENSION mdd")
     with open(os.path.join(top, "scripts", "emr_demo.sql"), encoding="utf-8") as fh:
         execute(conn, fh.read())
@@ -139,7 +116,7 @@ try:
     ok(first_next is not None and first_next <= query_value(conn, "SELECT now() + interval '61 s'"),
        "the scheduler sets rule a's next run at once, within the next minute", str(first_next))
     a_job = wait_for(lambda: rule("a")["last_job"], 75)
-    ok(a_job, "rule a's schedule starts a run within the next minute", server_log_tail())
+    ok(a_job, "rule a's schedule starts a run within the next minute", server_log_tail(datadir))
     is_(query_value(conn, "SELECT mdd.wait(%s, '60 s')", (a_job,)), "done", "the run ends done")
     j = job(a_job)
     is_((j["kind"], j["total"], j["done"], j["failed"], j["rule"]), ("archive", 40, 40, 0, "a"),
@@ -242,6 +219,37 @@ try:
     is_(unreadable(cbct["R88E"]), [], "every object of the patient reads back with its SHA-256")
 
     # -----------------------------------------------------------------------
+    # a send rule: the plan and structure set of finished patients to the
+    # planning system, each once
+    tps = StoreSCP(test_dir, "TPS88", user=unprivileged_user()).start()
+    try:
+        execute(conn, "SELECT mdd.add_node('tps88', %s, '127.0.0.1', %s)", (tps.aet, tps.port))
+        execute(conn, "SET ROLE mdd_t88_admin")
+        execute(conn, """SELECT mdd.create_rule('plans-to-tps', %s, 'send', node => 'tps88', batch_size => 1,
+                                                include_related => false)""",
+                ("o.patient_id = 'R88H' AND o.modality IN ('RTPLAN', 'RTSTRUCT')",))
+        execute(conn, "RESET ROLE")
+        rt = [r[0] for r in query(conn, """SELECT id FROM mdd.objects WHERE patient_id = 'R88H'
+                                            AND modality IN ('RTPLAN', 'RTSTRUCT') ORDER BY id""")]
+        h_job = query_value(conn, "SELECT mdd.run_rule('plans-to-tps')")
+        is_(query_value(conn, "SELECT mdd.wait(%s, '60 s')", (h_job,)), "done", "the send rule's run ends done")
+        hj = job(h_job)
+        is_((hj["kind"], hj["total"], hj["done"], hj["batches"]), ("send", 2, 2, 2),
+            "it sent the plan and the structure set, one per batch")
+        got = tps.received()
+        uids = dict(query(conn, "SELECT sop_instance_uid, id FROM mdd.objects WHERE id = ANY(%s)", (rt,)))
+        is_(sorted(got), sorted(uids), "the planning system received exactly those two")
+        same = [u for u, path in got.items() if u in uids and dataset_bytes(open(path, "rb").read())
+                == dataset_bytes(bytes(query_value(conn, "SELECT mdd.read(%s)", (uids[u],))))]
+        is_(sorted(same), sorted(uids), "byte for byte as archived")
+        h2 = query_value(conn, "SELECT mdd.run_rule('plans-to-tps')")
+        is_(query_value(conn, "SELECT mdd.wait(%s, '60 s')", (h2,)), "done", "a second run ends done")
+        is_(job(h2)["total"], 0, "having nothing left to send")
+        is_(len(tps.received()), 2, "nothing was sent twice")
+    finally:
+        tps.stop()
+
+    # -----------------------------------------------------------------------
     # runs missed while the server was down: once at start, inside the window
     execute(conn, "ALTER SYSTEM RESET mdd.rule_bandwidth")
     create_rule("f", "R88F", schedule="0 3 1 1 *", include_related=False)
@@ -250,14 +258,14 @@ try:
     ok(wait_for(lambda: rule("f")["next_run"] and rule("g")["next_run"], 10), "the scheduler planned f and g")
     cluster("stop", datadir)
     cluster("start", datadir, str(port))
-    conn = connect_when_up()
+    conn = connect_when_up(port)
     # as if the server had been down when they were due
     execute(conn, "UPDATE mdd.rule SET next_run_at = now() - interval '10 min' WHERE name IN ('f', 'g')")
     cluster("stop", datadir)
     cluster("start", datadir, str(port))
-    conn = connect_when_up()
+    conn = connect_when_up(port)
     f_job = wait_for(lambda: rule("f")["last_job"], 30)
-    ok(f_job, "a run missed while the server was down starts when it is up again", server_log_tail())
+    ok(f_job, "a run missed while the server was down starts when it is up again", server_log_tail(datadir))
     if f_job:
         is_(query_value(conn, "SELECT mdd.wait(%s, '60 s')", (f_job,)), "done", "and ends done")
     is_(query_value(conn, "SELECT count(*) FROM mdd.job WHERE rule = (SELECT id FROM mdd.rule WHERE name = 'f')"), 1,

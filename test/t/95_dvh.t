@@ -485,15 +485,22 @@ other_for = store(struct_object(frame=OTHER_FOR))
 raises(conn, "SELECT * FROM mdd.dvh(%s, %s)", (base_dose, other_for), "22023",
        "an analytic structure set in another frame is refused too", "different frames")
 
-relative = query_value(conn, "SELECT mdd.store_file(%s)", (os.path.join(pydicom_dir, "rtdose.dcm"),))
+
+
+def pydicom_file_new_uid(name):
+    """One of pydicom's files with a SOP Instance UID of its own: other tests
+    of the run store pydicom's rtdose files, which share their UIDs."""
+    ds = pydicom.dcmread(os.path.join(pydicom_dir, name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return store(buf.getvalue())
+
+
+relative = pydicom_file_new_uid("rtdose.dcm")
 raises(conn, "SELECT * FROM mdd.dvh(%s, %s)", (relative, rtstruct), "22023",
        "a dose grid in RELATIVE units is refused", "RELATIVE")
-# pydicom's RLE copy of the same grid shares rtdose.dcm's SOP Instance UID: a new one
-rle_ds = pydicom.dcmread(os.path.join(pydicom_dir, "rtdose_rle.dcm"))
-rle_ds.SOPInstanceUID = rle_ds.file_meta.MediaStorageSOPInstanceUID = uid()
-buf = io.BytesIO()
-rle_ds.save_as(buf)
-rle = store(buf.getvalue())
+rle = pydicom_file_new_uid("rtdose_rle.dcm")
 raises(conn, "SELECT * FROM mdd.dvh(%s, %s)", (rle, rtstruct), "0A000",
        "an RLE-compressed dose grid is refused as unsupported")
 

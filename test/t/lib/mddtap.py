@@ -35,7 +35,7 @@ __all__ = [
     "skip", "skip_all", "bail_out", "done_testing", "failed_count",
     "connect", "query", "query_one", "query_value", "execute", "sql_error",
     "raises", "describe_error", "query_dicts", "env", "generate_patient", "make_server_dir", "sha256_file",
-    "sha256_bytes", "DBError",
+    "sha256_bytes", "DBError", "cluster", "connect_when_up", "server_log_tail",
 ]
 
 DBError = psycopg2.Error
@@ -306,6 +306,37 @@ def generate_patient(out, patient_id, seed, slices=20, small=0, extra=()):
 
 # --------------------------------------------------------------------------
 # database
+
+
+def cluster(*args):
+    """scripts/cluster.sh with these arguments (start DATADIR PORT settings...,
+    stop DATADIR): the private clusters of tests that restart their server."""
+    top = os.environ.get("MDD_TOP") or os.path.normpath(
+        os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    subprocess.run([os.path.join(top, "scripts", "cluster.sh"), *args], check=True,
+                   stdout=subprocess.DEVNULL, timeout=120)
+
+
+def connect_when_up(port, timeout=60):
+    """A connection to the cluster on port, once it accepts connections."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return connect(port=port)
+        except psycopg2.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def server_log_tail(datadir, n=30):
+    """The last n lines of a private cluster's server.log ('' if none)."""
+    try:
+        with open(os.path.join(datadir, "server.log"), errors="replace") as fh:
+            return "".join(fh.readlines()[-n:])
+    except OSError:
+        return ""
 
 
 def connect(user=None, autocommit=True, **kw):
