@@ -26,7 +26,9 @@ CREATE TABLE mdd.rule (
 	include_related boolean NOT NULL,
 	created_at		timestamptz NOT NULL DEFAULT now(),
 	next_run_at		timestamptz,	-- when the schedule next fires; set by the scheduler
-	last_job		bigint REFERENCES mdd.job(id) ON DELETE SET NULL,
+	-- the last run's job; no foreign key, since mdd.job refers to mdd.rule
+	-- and pg_restore could not load two tables that refer to each other
+	last_job		bigint,
 	last_error		text,			-- why the scheduler could not start the last run
 	last_error_at	timestamptz,
 	CHECK ((window_start IS NULL) = (window_end IS NULL)),
