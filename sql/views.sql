@@ -43,13 +43,15 @@ JOIN mdd.patient p ON p.id = o.patient
 LEFT JOIN mdd.study st ON st.id = o.study
 LEFT JOIN mdd.series se ON se.id = o.series;
 
--- Storages with what they hold.  Options are shown without credentials.
+-- Storages with what they hold.  Options (where the blobs are) are shown
+-- to administrators only, and never the credentials.
 CREATE VIEW mdd.storages AS
 SELECT s.name,
 	   s.kind,
 	   s.tier,
-	   s.options - ARRAY['password', 'secret_key', 'secret_access_key', 'access_key',
-						 'access_key_id', 'token', 'credentials'] AS options,
+	   CASE WHEN pg_catalog.pg_has_role('mdd_admin', 'USAGE')
+			THEN s.options - ARRAY['password', 'secret_key', 'secret_access_key', 'access_key',
+								   'access_key_id', 'token', 'credentials'] END AS options,
 	   s.read_only,
 	   count(c.object) AS objects,
 	   coalesce(sum(c.size), 0)::bigint AS bytes,
