@@ -459,6 +459,23 @@ BEGIN
 END;
 $$;
 
+-- Large-object chunks (rows of pg_largeobject, 2 KB each) are compressed
+-- like any column, by default_toast_compression.  With pglz, the default,
+-- every chunk of noisy pixel data costs a compression attempt that fails;
+-- lz4 compresses the same chunks in a fraction of that time, and a little,
+-- and decompressing them costs far less than that saves.  Every writer of
+-- mdd's large objects (mdd.store and its kin in users' sessions, the DICOM
+-- listeners, the job runners) goes through mdd._put, so lz4 is set there,
+-- for that call only.  A server built without lz4 keeps its default.
+DO $$
+BEGIN
+	IF EXISTS (SELECT 1 FROM pg_catalog.pg_settings
+			   WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+		ALTER FUNCTION mdd._put(mdd.storage, bigint, bytea, bytea) SET default_toast_compression = lz4;
+	END IF;
+END;
+$$;
+
 -- The original bytes of a blob: as stored, or decompressed when its
 -- locator ends in ".zst" (bounded by the catalog size of its object).
 CREATE FUNCTION mdd._get(s mdd.storage, locator text) RETURNS bytea

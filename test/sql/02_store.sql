@@ -1,10 +1,11 @@
 -- mdd: storing DICOM objects, the catalog rows they make, reading them
--- back byte for byte, and what travels with what (mdd.related).
+-- back byte for byte, what travels with what (mdd.related), and how the
+-- chunks of their large objects are compressed.
 SET client_min_messages = warning;
 
 BEGIN;
 SET LOCAL jit = off;  -- the tests' small queries do not pay for compilation
-SELECT plan(67);
+SELECT plan(71);
 
 DO $$
 BEGIN
@@ -232,11 +233,33 @@ SELECT is((SELECT count(*) FROM ct WHERE mdd.read(id) = pg_read_binary_file(pg_t
 		  20::bigint, 'every CT slice reads back as stored');
 
 ---------------------------------------------------------------------------
+-- large-object chunks are compressed with lz4, whatever the session says
+
+-- the methods of the compressed chunks (pg_largeobject rows) of an object
+CREATE FUNCTION pg_temp.chunk_methods(obj bigint) RETURNS text[] LANGUAGE sql STABLE
+AS $$
+	SELECT coalesce(array_agg(DISTINCT pg_column_compression(l.data)), '{}')
+	FROM mdd.copy c JOIN pg_largeobject l ON l.loid = c.locator::oid
+	WHERE c.object = obj AND pg_column_compression(l.data) IS NOT NULL
+$$;
+
+SET LOCAL default_toast_compression = pglz;
+SELECT mdd.store_file(pg_temp.pat('cbct/CBCT_0002.dcm')) AS cbct2 \gset
+SELECT mdd.store_document('id00001', convert_to(repeat('Plan approved, no change. ', 4000), 'UTF8'),
+						  'notes.txt') AS notes \gset
+SELECT is(pg_temp.chunk_methods(:cbct2), '{lz4}',
+		  'mdd.store_file compresses large-object chunks with lz4, not the session''s pglz');
+SELECT is(pg_temp.chunk_methods(:notes), '{lz4}', 'and so does mdd.store_document');
+SELECT is(current_setting('default_toast_compression'), 'pglz', 'the session''s own setting stays');
+SELECT is(mdd.read(:notes), convert_to(repeat('Plan approved, no change. ', 4000), 'UTF8'),
+		  'the compressed document reads back as stored');
+
+---------------------------------------------------------------------------
 -- the object count stays exact through all of it
 
-SELECT is((SELECT count(*) FROM mdd.objects), :objects0::bigint + 31,
+SELECT is((SELECT count(*) FROM mdd.objects), :objects0::bigint + 33,
 		  'every distinct instance is one row of mdd.objects');
-SELECT is(pg_temp.los(), :los0::bigint + 31, 'every distinct instance is one large object');
+SELECT is(pg_temp.los(), :los0::bigint + 33, 'every distinct instance is one large object');
 
 SELECT * FROM finish();
 ROLLBACK;

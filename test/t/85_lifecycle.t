@@ -2,11 +2,12 @@
 # Archive and restore through the job runners between the online large
 # objects and a file storage of the archive tier: what travels together
 # (include_related), where each object is (mdd.objects.tier, archived_at,
-# mdd.copy), reading archived objects (mdd.read, mdd.export, C-MOVE) without
-# restoring them, the job views and functions (mdd.jobs, mdd.wait,
-# mdd.cancel), the audit trail, bad requests, a blob corrupted behind mdd's
-# back (reads fail naming the object, mdd.verify finds it, an archive job
-# fails that object only) and a target that refuses writes.
+# mdd.copy), restored large objects in lz4 chunks, reading archived objects
+# (mdd.read, mdd.export, C-MOVE) without restoring them, the job views and
+# functions (mdd.jobs, mdd.wait, mdd.cancel), the audit trail, bad
+# requests, a blob corrupted behind mdd's back (reads fail naming the
+# object, mdd.verify finds it, an archive job fails that object only) and a
+# target that refuses writes.
 import glob
 import os
 import socket
@@ -178,6 +179,8 @@ is_(wait(job), "done", "restore of one CT image with its related objects: done")
 restored = [ct[1], rtstruct, rtplan, rtdose]
 is_(tiers(restored), {i: "online" for i in restored}, "the image and what references it are online again")
 is_(copies(rtplan), [("online", "present")], "the plan's archive copy was released")
+is_(lo_compression(conn, restored), ["lz4"],
+    "the runner compresses the restored large-object chunks with lz4, not pglz")
 ok(all(query_value(conn, "SELECT archived_at IS NULL FROM mdd.objects WHERE id = %s", (i,)) for i in restored),
    "archived_at is cleared")
 is_(all_readable(restored + ct), [], "restored and still archived objects read back with their SHA-256")

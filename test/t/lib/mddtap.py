@@ -35,7 +35,7 @@ __all__ = [
     "skip", "skip_all", "bail_out", "done_testing", "failed_count",
     "connect", "query", "query_one", "query_value", "execute", "sql_error",
     "raises", "describe_error", "query_dicts", "env", "generate_patient", "make_server_dir", "sha256_file",
-    "sha256_bytes", "DBError", "cluster", "connect_when_up", "server_log_tail",
+    "sha256_bytes", "DBError", "cluster", "connect_when_up", "server_log_tail", "lo_compression",
 ]
 
 DBError = psycopg2.Error
@@ -398,6 +398,19 @@ def execute(conn, sql, params=None):
     n = cur.rowcount
     cur.close()
     return n
+
+
+def lo_compression(conn, object_ids):
+    """How the compressed chunks (pg_largeobject rows) of the large-object
+    copies of these objects are compressed: the sorted distinct methods
+    ("lz4", "pglz"); chunks stored as they are do not count."""
+    return [r[0] for r in query(conn, """
+        SELECT DISTINCT pg_catalog.pg_column_compression(l.data) AS method
+        FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
+             JOIN pg_catalog.pg_largeobject l ON l.loid = c.locator::oid
+        WHERE c.object = ANY(%s) AND s.kind = 'large_object'
+          AND pg_catalog.pg_column_compression(l.data) IS NOT NULL
+        ORDER BY method""", (list(object_ids),))]
 
 
 def sql_error(conn, sql, params=None):
