@@ -39,11 +39,15 @@
 #include "storage/shm_toc.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 #include "../extension/dicom.h"
 #include "../extension/find.h"
 #include "workers.h"
+
+/* how long the peer may take to confirm the release, after the answer went */
+#define RELEASE_WAIT_MS 1000
 
 /* a study or series found on the way down, with what its matches inherit */
 typedef struct Parent
@@ -317,12 +321,14 @@ query_level(FindWorker *w, MddDicomFinder *finder, int step, List *parents,
 	return MDD_FIND_DONE;
 }
 
-/* the whole query of the node; MDD_FIND_DONE or why it ended */
+/*
+ * The whole query of the node: MDD_FIND_DONE or why it ended.  *finder is
+ * left open for the caller to close once the backend has the answer.
+ */
 static MddFindFailure
-run_find(FindWorker *w, char *errbuf, size_t errlen)
+run_find(FindWorker *w, MddDicomFinder **finder, char *errbuf, size_t errlen)
 {
 	MddDicomFinderConfig config;
-	MddDicomFinder *finder = NULL;
 	MddFindFailure failure = MDD_FIND_DONE;
 	List	   *parents = list_make1(palloc0(sizeof(Parent)));
 
@@ -336,23 +342,42 @@ run_find(FindWorker *w, char *errbuf, size_t errlen)
 	config.should_stop = find_should_stop;
 	config.on_socket = find_on_socket;
 
-	if (mdd_dicom_finder_open(&config, &finder, &failure, errbuf, errlen) != MDD_DICOM_OK)
-	{
-		mdd_connection_fd = -1;
+	*finder = NULL;
+	if (mdd_dicom_finder_open(&config, finder, &failure, errbuf, errlen) != MDD_DICOM_OK)
 		return failure == MDD_FIND_DONE ? MDD_FIND_BROKEN : failure;
-	}
 	for (int step = MDD_FIND_STUDY; step <= w->query->level; step++)
 	{
 		List	   *found;
 
-		failure = query_level(w, finder, step, parents, &found, errbuf, errlen);
+		failure = query_level(w, *finder, step, parents, &found, errbuf, errlen);
 		if (failure != MDD_FIND_DONE)
 			break;
 		parents = found;
 	}
-	mdd_connection_fd = -1;
-	mdd_dicom_finder_close(finder, failure == MDD_FIND_DONE || failure == MDD_FIND_REFUSED);
 	return failure;
+}
+
+/* the timer of the release: a peer slow to confirm it is cut off */
+static void
+release_timeout(void)
+{
+	if (mdd_connection_fd >= 0)
+		(void) shutdown(mdd_connection_fd, SHUT_RDWR);
+}
+
+/*
+ * Release the association (abort it after a failure that left it unusable),
+ * waiting at most RELEASE_WAIT_MS for the peer's confirmation.
+ */
+static void
+close_finder(MddDicomFinder *finder, MddFindFailure failure)
+{
+	TimeoutId	timer = RegisterTimeout(USER_TIMEOUT, release_timeout);
+
+	enable_timeout_after(timer, RELEASE_WAIT_MS);
+	mdd_dicom_finder_close(finder, failure == MDD_FIND_DONE || failure == MDD_FIND_REFUSED);
+	disable_timeout(timer, false);
+	mdd_connection_fd = -1;
 }
 
 /*
@@ -369,6 +394,7 @@ mdd_find_worker_main(Datum arg)
 	int			index;
 	char		errbuf[1024];
 	MddFindFailure failure;
+	MddDicomFinder *finder;
 	StringInfoData msg;
 
 	mdd_worker_setup_signals();
@@ -400,8 +426,9 @@ mdd_find_worker_main(Datum arg)
 									level_keyword(w.query->level), w.node->name,
 									w.node->ae_title, w.node->host, w.node->port));
 	errbuf[0] = '\0';
-	failure = run_find(&w, errbuf, sizeof(errbuf));
+	failure = run_find(&w, &finder, errbuf, sizeof(errbuf));
 
+	/* the answer first: the backend need not wait for the release */
 	if (!w.receiver_gone && !mdd_got_sigterm)
 	{
 		initStringInfo(&msg);
@@ -410,6 +437,13 @@ mdd_find_worker_main(Datum arg)
 		appendStringInfoString(&msg, failure == MDD_FIND_DONE ? "" : errbuf);
 		(void) send_message(&w, msg.data, msg.len);
 	}
+	if (finder != NULL)
+	{
+		pgstat_report_activity(STATE_RUNNING,
+							   psprintf("releasing the association with node %s", w.node->name));
+		close_finder(finder, failure);
+	}
+	mdd_connection_fd = -1;
 	pgstat_report_activity(STATE_IDLE, NULL);
 	dsm_detach(seg);
 	proc_exit(0);

@@ -15,8 +15,9 @@
  *
  * No worker outlives the call: the segment belongs to the call's resource
  * owner, and detaching it, whether at the end or when an error or a
- * cancel aborts the query, terminates every worker still running
- * (find_detach).  Workers that cannot be started for want of a slot
+ * cancel aborts the query, terminates every worker still querying
+ * (find_detach).  A worker that has sent its answer is left to release
+ * its association, which it does within a second (find_worker.c).  Workers that cannot be started for want of a slot
  * (max_worker_processes) wait for one to free up within the time limit.
  *
  *-------------------------------------------------------------------------
@@ -69,6 +70,8 @@ typedef struct FindNode
 	BackgroundWorkerHandle *handle;
 	TimestampTz deadline;
 	int			limit_ms;		/* the time it was given */
+	bool		answered;		/* its worker said how it ended, and is
+								 * releasing the association on its own */
 	int64		matches;
 	char	   *status;			/* NULL: ended well */
 } FindNode;
@@ -93,7 +96,8 @@ find_detach(dsm_segment *seg, Datum arg)
 	{
 		if (run->nodes[i].handle != NULL)
 		{
-			TerminateBackgroundWorker(run->nodes[i].handle);
+			if (!run->nodes[i].answered)
+				TerminateBackgroundWorker(run->nodes[i].handle);
 			pfree(run->nodes[i].handle);
 		}
 		if (run->nodes[i].status != NULL)
@@ -178,7 +182,11 @@ seconds_text(int ms)
 	return pstrdup(buf);
 }
 
-/* end node i with a status row's text (NULL: it ended well) */
+/*
+ * End node i with a status row's text (NULL: it ended well).  Its worker
+ * is terminated unless it answered: then it only has the association to
+ * release, which it does within a second, without keeping us waiting.
+ */
 static void
 end_node(FindRun *run, int i, const char *status)
 {
@@ -187,7 +195,7 @@ end_node(FindRun *run, int i, const char *status)
 	node->state = NODE_DONE;
 	if (status != NULL)
 		node->status = MemoryContextStrdup(TopMemoryContext, status);
-	if (node->handle != NULL)
+	if (node->handle != NULL && !node->answered)
 		TerminateBackgroundWorker(node->handle);
 }
 
@@ -332,7 +340,10 @@ drain_queue(ReturnSetInfo *rsinfo, FindRun *run, int i, shm_mq_handle *mqh,
 			node->matches++;
 		}
 		else if (len >= 1 && ((char *) data)[0] == MDD_FIND_MSG_END)
+		{
+			node->answered = true;
 			end_node(run, i, end_text(node, data, len));
+		}
 		else
 			end_node(run, i, "failed: unknown message from the find worker");
 	}
