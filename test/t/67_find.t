@@ -23,7 +23,9 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -334,6 +336,17 @@ try:
     is_((r.get("location"), r.get("patient_name"), r.get("instances")), ("t67orthanc", "ÅSTRÖM^ÉVA", 3),
         "an Orthanc study row: Latin-1 name decoded, instance count")
     b1 = studies["qr2"][0]
+    # what the second dcmqrscp sends, asked as mdd asks (in UTF-8): ISO 8859-1
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o777)
+        subprocess.run(["findscu", "-S", "-X", "-od", d, "-aet", our_ae, "-aec", qr2.aet,
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", "SpecificCharacterSet=ISO_IR 192",
+                        "-k", f"StudyInstanceUID={b1.uid}", "-k", "PatientName", HOST, str(qr2.port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=30,
+                       env=dict(os.environ, TCP_NODELAY="1"))
+        raw = b"".join(open(os.path.join(d, f), "rb").read() for f in os.listdir(d))
+    ok(b"ISO_IR 100" in raw and "MÜLLER".encode("latin-1") in raw and "MÜLLER".encode() not in raw,
+       "the second dcmqrscp answers in ISO 8859-1 even when asked in UTF-8")
     is_(by_uid.get(b1.uid, {}).get("patient_name"), "MÜLLER^JÖRG",
         "a name dcmqrscp answers in ISO 8859-1 comes back decoded")
     is_(by_uid.get(studies["qr2"][2].uid, {}).get("patient_name"), "GARÇON^RENÉ", "and another")
