@@ -520,6 +520,17 @@ try:
            "no node may be called 'local'")
     raises(conn, "SELECT mdd.add_node('t67bad', 'BAD67', '127.0.0.1', 1, '{\"find_timeout\": \"soon\"}')", None,
            "22023", "find_timeout must be a number of seconds")
+    raises(conn, "SELECT * FROM mdd.find(patient_name => repeat('X', 5000), nodes => '{t67qr1}')", None, "22001",
+           "a filter too long to send: 22001")
+    execute(conn, "SELECT mdd.add_node('t67nohost', 'NOHOST67', 'no-such-host.invalid', 104)")
+    rows, _ = find(nodes=["t67nohost", "t67qr1"])
+    like(statuses(rows).get("t67nohost"), r"^unreachable: ", "a host name that does not resolve: 'unreachable'")
+    ok(expected_studies("qr1") <= keyset(rows), "beside it the other node answers")
+    execute(conn, "DELETE FROM mdd.node WHERE name = 't67nohost'")
+    is_(query(conn, """SELECT name, may_find, extract(epoch FROM find_timeout)::float FROM mdd.nodes
+                       WHERE name IN ('t67qr1', 't67silent', 't67noport') ORDER BY name"""),
+        [("t67noport", False, None), ("t67qr1", True, None), ("t67silent", True, SILENT_LIMIT)],
+        "mdd.nodes shows may_find and find_timeout")
     rows, _ = find("level => 'series'", nodes=["local"])
     ok(rows and all(r["level"] == "SERIES" for r in rows), "the level may be given in lower case")
 
