@@ -261,6 +261,82 @@ extern MddDicomStatus mdd_dicom_sender_store(MddDicomSender *sender,
 extern void mdd_dicom_sender_close(MddDicomSender *sender, int release);
 
 /* ---------------------------------------------------------------------
+ * C-FIND as a service user, for mdd.find (dicom_find.cpp)
+ * ---------------------------------------------------------------------
+ */
+
+/* an association mdd opened to query a node; owned by the C++ side */
+typedef struct MddDicomFinder MddDicomFinder;
+
+/* why a C-FIND did not come to its end */
+typedef enum MddFindFailure
+{
+	MDD_FIND_DONE = 0,			/* it did: the node answered success */
+	MDD_FIND_UNREACHABLE,		/* no TCP connection to the node */
+	MDD_FIND_REFUSED,			/* association rejected, C-FIND context not
+								 * accepted, or a failure status answered */
+	MDD_FIND_TIMEOUT,			/* the node did not answer in time */
+	MDD_FIND_BROKEN,			/* the association failed (aborted, protocol
+								 * error) */
+	MDD_FIND_STOPPED			/* should_stop, or the answer callback, ended it */
+} MddFindFailure;
+
+typedef struct MddDicomFinderConfig
+{
+	const char *our_ae;
+	const char *peer_ae;
+	const char *host;
+	int			port;
+	int			timeout_ms;		/* to connect and negotiate */
+	void	   *arg;
+	int			(*should_stop) (void *arg); /* true: stop waiting at once */
+
+	/*
+	 * Called with the association's socket once the TCP connection is up
+	 * (before negotiation), so that a signal handler may shut it down; may
+	 * be NULL.  Async-signal-safe code only: it runs inside DCMTK.
+	 */
+	void		(*on_socket) (void *arg, int fd);
+} MddDicomFinderConfig;
+
+/*
+ * One match of a C-FIND: the values of the keys asked (UTF-8, decoded from
+ * the answer's Specific Character Set; "" when absent or empty; values of
+ * several items joined by backslashes), in the order asked.  Returns
+ * nonzero to go on, 0 to cancel the query.
+ */
+typedef int (*MddFindAnswer) (void *arg, int nkeys, const char *const *values);
+
+/*
+ * Open an association for C-FIND in the Study Root model.  MDD_DICOM_OK
+ * with *finder set; otherwise *failure says why and errbuf how.
+ */
+extern MddDicomStatus mdd_dicom_finder_open(const MddDicomFinderConfig *config,
+											MddDicomFinder **finder,
+											MddFindFailure *failure,
+											char *errbuf, size_t errbuf_len);
+
+/*
+ * One C-FIND at level ("STUDY", "SERIES", "IMAGE") with the given keys
+ * (keywords of the data dictionary; an empty value asks for the attribute,
+ * any other value also matches on it), calling answer for each match.
+ * The identifier says Specific Character Set ISO_IR 192.  MDD_DICOM_OK when
+ * the node answered success within timeout_ms; otherwise *failure says why
+ * and errbuf how (a refusal carries the status and its Error Comment).
+ * After a failure other than MDD_FIND_REFUSED the association is of no
+ * further use.
+ */
+extern MddDicomStatus mdd_dicom_finder_query(MddDicomFinder *finder, const char *level,
+											 int nkeys, const char *const *keywords,
+											 const char *const *values, int timeout_ms,
+											 MddFindAnswer answer, void *answer_arg,
+											 MddFindFailure *failure,
+											 char *errbuf, size_t errbuf_len);
+
+/* release the association (or abort it when release is 0) and free finder */
+extern void mdd_dicom_finder_close(MddDicomFinder *finder, int release);
+
+/* ---------------------------------------------------------------------
  * RT Dose grids and RT Structure Set contours (dicom_rt.cpp), read for
  * dose-volume histograms.  Geometry is in DICOM patient coordinates (mm).
  * ---------------------------------------------------------------------

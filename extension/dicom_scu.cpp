@@ -16,6 +16,7 @@
 #include "dicom_stream.hpp"
 
 #include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmnet/dcmlayer.h>
 #include <dcmtk/dcmnet/dcmtrans.h>
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/dul.h>
@@ -65,6 +66,47 @@ mddStoreContexts(const std::vector<std::pair<std::string, std::string>> &classes
 	return contexts;
 }
 
+/*
+ * The transport layer of an association whose socket is observed: DCMTK
+ * hands it each socket it connects, before negotiating on it; plain TCP,
+ * as DCMTK's own layer, apart from telling the observer.
+ */
+class MddObservedTransportLayer : public DcmTransportLayer
+{
+public:
+	explicit MddObservedTransportLayer(MddScuAssociation *owner) : owner_(owner) {}
+
+	DcmTransportConnection *createConnection(DcmNativeSocketType openSocket,
+											 OFBool useSecureLayer) override
+	{
+		if (useSecureLayer)
+			return NULL;
+		owner_->fd_ = (int) openSocket;
+		if (owner_->observer_)
+			owner_->observer_(owner_->observerArg_, (int) openSocket);
+		return new DcmTCPConnection(openSocket);
+	}
+
+private:
+	MddScuAssociation *owner_;
+};
+
+/* the reasons of a rejection on one line: "Rejected Permanent, Called AE Title Not Recognized" */
+static std::string
+rejectionText(T_ASC_Association *assoc)
+{
+	T_ASC_RejectParameters rej;
+	OFString	text;
+	std::string line;
+
+	if (assoc == NULL || ASC_getRejectParameters(assoc->params, &rej).bad())
+		return "";
+	ASC_printRejectParameters(text, &rej);
+	for (char c : std::string(text.c_str()))
+		line += (c == '\n' || c == '\r') ? ' ' : c;
+	return line;
+}
+
 MddScuAssociation::~MddScuAssociation()
 {
 	abort();
@@ -84,6 +126,8 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 
 	mddInitialiseDcmtk();
 	acceptedNone_ = false;
+	rejected_ = false;
+	fd_ = -1;
 	if (contexts.empty() || contexts.size() > 128)
 	{
 		error = "cannot propose " + std::to_string(contexts.size()) +
@@ -94,6 +138,8 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net_);
 	if (cond.good())
 		cond = ASC_createAssociationParameters(&params_, ASC_DEFAULTMAXPDU);
+	if (cond.good() && observer_)
+		cond = ASC_setTransportLayer(net_, new MddObservedTransportLayer(this), 1);
 	if (cond.bad())
 	{
 		error = std::string("cannot set up the network: ") + cond.text();
@@ -121,7 +167,13 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	if (cond.bad())
 	{
 		if (cond == DUL_ASSOCIATIONREJECTED)
-			error = peerAE + " at " + address + " rejected the association";
+		{
+			std::string why = rejectionText(assoc_);
+
+			rejected_ = true;
+			error = peerAE + " at " + address + " rejected the association" +
+				(why.empty() ? "" : " (" + why + ")");
+		}
 		else
 			error = "cannot associate with " + peerAE + " at " + address + ": " + cond.text();
 		if (assoc_)

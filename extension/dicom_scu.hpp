@@ -26,6 +26,9 @@ struct MddProposedContext
 	std::vector<std::string> transferSyntaxes;
 };
 
+/* called with the socket of an association once its TCP connection is up */
+typedef void (*MddSocketObserver) (void *arg, int fd);
+
 /* an association mdd requested; aborted on destruction unless released */
 class MddScuAssociation
 {
@@ -34,6 +37,17 @@ public:
 	~MddScuAssociation();
 	MddScuAssociation(const MddScuAssociation &) = delete;
 	MddScuAssociation &operator=(const MddScuAssociation &) = delete;
+
+	/*
+	 * Before open: have observer called with the socket as soon as the TCP
+	 * connection is up, before the association is negotiated on it (so
+	 * that a stop request can shut it down in any wait that follows).
+	 */
+	void		observeSocket(MddSocketObserver observer, void *arg)
+	{
+		observer_ = observer;
+		observerArg_ = arg;
+	}
 
 	/* request an association; false with a reason in error */
 	bool		open(const std::string &ourAE, const std::string &peerAE,
@@ -47,11 +61,24 @@ public:
 	/* after a failed open: the peer associated but accepted no context */
 	bool		acceptedNone() const { return acceptedNone_; }
 
+	/* after a failed open: the peer rejected the association */
+	bool		rejected() const { return rejected_; }
+
+	/* with a socket observer: whether the TCP connection came up, and its socket */
+	bool		connected() const { return fd_ >= 0; }
+	int			socket() const { return fd_; }
+
 private:
 	T_ASC_Network *net_;
 	T_ASC_Parameters *params_;
 	T_ASC_Association *assoc_;
 	bool		acceptedNone_ = false;
+	bool		rejected_ = false;
+	MddSocketObserver observer_ = NULL;
+	void	   *observerArg_ = NULL;
+	int			fd_ = -1;
+
+	friend class MddObservedTransportLayer;
 };
 
 /* the transfer syntaxes a receiver of uncompressed data always understands */

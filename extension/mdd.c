@@ -38,6 +38,7 @@ int			mdd_dicom_max_pdu = 65536;
 int			mdd_dicom_acse_timeout = 30;
 int			mdd_dicom_dimse_timeout = 60;
 int			mdd_job_workers = 2;
+int			mdd_find_timeout = 10000;
 static char *mdd_archive_storage = NULL;
 static int	mdd_import_progress_every = 1000;
 
@@ -83,6 +84,10 @@ define_network_settings(void)
 							"Seconds a DICOM peer may stay silent within an association.",
 							NULL, &mdd_dicom_dimse_timeout, 60, 1, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.find_timeout",
+							"Time a node may take to answer mdd.find, unless its node option find_timeout says otherwise.",
+							NULL, &mdd_find_timeout, 10000, 1, 86400000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 }
 
 void

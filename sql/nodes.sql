@@ -20,7 +20,10 @@ CREATE INDEX ON mdd.node (ae_title);
 -- its AE title is accepted only from that host when host is set.  Options:
 -- {"store": bool, "query": bool, "retrieve": bool} (default all true): what
 -- it may ask of mdd; {"send": bool} (default true): whether mdd sends
--- objects to it (mdd.send, C-MOVE destination).
+-- objects to it (mdd.send, C-MOVE destination); {"find": bool} (default
+-- true): whether mdd.find queries it (it needs a host and port), and
+-- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
+-- take to answer.
 CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
 							 options jsonb DEFAULT '{}')
 RETURNS void
@@ -41,6 +44,10 @@ BEGIN
 			USING ERRCODE = '22023',
 				  DETAIL = 'An AE title has 1 to 16 printable ASCII characters, no backslash, no leading or trailing space.';
 	END IF;
+	IF name = 'local' THEN
+		RAISE EXCEPTION 'node name "local" is reserved'
+			USING ERRCODE = '22023', DETAIL = 'mdd.find calls the local catalog "local".';
+	END IF;
 	IF port IS NOT NULL AND port NOT BETWEEN 1 AND 65535 THEN
 		RAISE EXCEPTION 'invalid port %', port USING ERRCODE = '22023';
 	END IF;
@@ -49,10 +56,18 @@ BEGIN
 		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
-	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve', 'send');
+	FROM jsonb_object_keys(options) k
+	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
-			USING ERRCODE = '22023', HINT = 'Options are "store", "query", "retrieve" and "send".';
+			USING ERRCODE = '22023',
+				  HINT = 'Options are "store", "query", "retrieve", "send", "find" and "find_timeout".';
+	END IF;
+	PERFORM (options->>'find')::boolean;	-- 22P02 unless a boolean, as the others below
+	IF options ? 'find_timeout' AND (jsonb_typeof(options->'find_timeout') <> 'number'
+									 OR (options->>'find_timeout')::numeric NOT BETWEEN 0.001 AND 86400) THEN
+		RAISE EXCEPTION 'invalid node option "find_timeout": %', options->'find_timeout'
+			USING ERRCODE = '22023', HINT = 'Give the seconds a C-FIND may take, a number from 0.001 to 86400.';
 	END IF;
 	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, may_send,
 						  options)
@@ -68,7 +83,9 @@ END;
 $$;
 
 CREATE VIEW mdd.nodes AS
-SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at
+SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at,
+	   host IS NOT NULL AND port IS NOT NULL AND coalesce((options->>'find')::boolean, true) AS may_find,
+	   make_interval(secs => (options->>'find_timeout')::double precision) AS find_timeout
 FROM mdd.node;
 
 CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text

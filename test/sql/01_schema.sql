@@ -4,7 +4,7 @@ SET client_min_messages = warning;
 
 BEGIN;
 SET LOCAL jit = off;  -- the tests' small queries do not pay for compilation
-SELECT plan(83);
+SELECT plan(88);
 
 -- pydicom's test files: the entry of mdd.allowed_paths that ends in test_files
 DO $$
@@ -86,6 +86,21 @@ SELECT ok(pg_temp.api_ok('add_storage', '{name,kind,tier,options}', '{text,text,
 		  'mdd.add_storage(name text, kind text, tier text, options jsonb DEFAULT ''{}'') RETURNS void');
 SELECT ok(pg_temp.api_ok('parse', '{data}', '{bytea}', 1, 'jsonb'),
 		  'mdd.parse(data bytea) RETURNS jsonb');
+SELECT ok(pg_temp.api_ok('find', '{patient_id,patient_name,study_date,modality,study_instance_uid,'
+						 'accession_number,level,nodes,timeout}',
+						 '{text,text,text,text,text,text,text,text[],interval}', 0,
+						 'TABLE(location text, status text, level text, patient_id text, '
+						 'patient_name text, study_instance_uid text, study_date text, '
+						 'series_instance_uid text, sop_instance_uid text, modality text, '
+						 'description text, instances integer)'),
+		  'mdd.find(patient_id, patient_name, study_date, modality, study_instance_uid, '
+		  'accession_number, level, nodes, timeout) RETURNS TABLE(location, status, level, ...)');
+SELECT ok(EXISTS (SELECT 1 FROM pg_proc p
+				  WHERE p.pronamespace = 'mdd'::regnamespace AND p.proname = 'patient_list'
+					AND p.proargtypes::text = '25 16' AND p.pronargdefaults = 1
+					AND p.proargnames[1:2] = '{patient_id,include_remote}'
+					AND pg_get_function_result(p.oid) ~ '^TABLE\(location text'),
+		  'mdd.patient_list(patient_id text, include_remote boolean DEFAULT false) RETURNS TABLE(location text, ...)');
 
 -- defaults documented by API.md
 SELECT matches((SELECT pg_get_expr(p.proargdefaults, 0) FROM pg_proc p
@@ -94,6 +109,10 @@ SELECT matches((SELECT pg_get_expr(p.proargdefaults, 0) FROM pg_proc p
 SELECT matches((SELECT pg_get_expr(p.proargdefaults, 0) FROM pg_proc p
 				WHERE p.pronamespace = 'mdd'::regnamespace AND p.proname = 'store'),
 			   '^NULL::text', 'mdd.store: source defaults to NULL');
+SELECT is((SELECT pg_get_expr(p.proargdefaults, 0) FROM pg_proc p
+		   WHERE p.pronamespace = 'mdd'::regnamespace AND p.proname = 'find'),
+		  $$NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, 'STUDY'::text, NULL::text[], '00:00:10'::interval$$,
+		  'mdd.find: filters and nodes default to NULL, level to STUDY, timeout to 10 s');
 
 -- SECURITY DEFINER functions cannot be hijacked through search_path
 SELECT is(array(SELECT p.oid::regprocedure::text FROM pg_proc p
@@ -149,6 +168,8 @@ SELECT ok(NOT has_table_privilege('mdd_reader', 'mdd.objects', 'INSERT,UPDATE,DE
 SELECT ok(pg_temp.can_exec('mdd_reader', 'read'), 'mdd_reader may execute mdd.read');
 SELECT ok(pg_temp.can_exec('mdd_reader', 'related'), 'mdd_reader may execute mdd.related');
 SELECT ok(NOT pg_temp.can_exec('mdd_reader', 'store'), 'mdd_reader may not execute mdd.store');
+SELECT ok(pg_temp.can_exec('mdd_reader', 'find'), 'mdd_reader may execute mdd.find');
+SELECT ok(pg_temp.can_exec('mdd_reader', 'patient_list'), 'mdd_reader may execute mdd.patient_list');
 SELECT ok(NOT pg_temp.can_exec('mdd_reader', 'store_file'), 'mdd_reader may not execute mdd.store_file');
 SELECT ok(NOT pg_temp.can_exec('mdd_reader', 'export'), 'mdd_reader may not execute mdd.export');
 SELECT ok(NOT pg_temp.can_exec('mdd_reader', 'import'), 'mdd_reader may not execute mdd.import');
