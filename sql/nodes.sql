@@ -142,11 +142,13 @@ BEGIN
 						 | CASE WHEN n.may_query THEN 4 ELSE 0 END
 						 | CASE WHEN n.may_retrieve THEN 8 ELSE 0 END;
 			reason := format('node %s', n.name);
+		ELSIF EXISTS (SELECT 1 FROM mdd.node x WHERE x.ae_title = calling_ae) THEN
+			-- a known AE title from another host: refused even when unknown
+			-- nodes are accepted, else it would escape its node's limits
+			reason := format('AE title "%s" is not registered for host %s', calling_ae, peer);
 		ELSIF current_setting('mdd.accept_unknown_nodes', true)::boolean THEN
 			permits := 1 | 2 | 4 | 8;
 			reason := 'unknown node accepted (mdd.accept_unknown_nodes)';
-		ELSIF EXISTS (SELECT 1 FROM mdd.node x WHERE x.ae_title = calling_ae) THEN
-			reason := format('AE title "%s" is not registered for host %s', calling_ae, peer);
 		ELSE
 			reason := format('unknown AE title "%s"', calling_ae);
 		END IF;

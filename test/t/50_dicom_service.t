@@ -384,6 +384,9 @@ try:
         audit = audit_since(conn, mark, "T50ANYONE@%", "associate")
         ok(audit and "accept_unknown_nodes" in audit[-1]["detail"],
            "audit row 'associate' saying mdd.accept_unknown_nodes let it in", f"    {audit}")
+        rc, out = echoscu("T50FAR")
+        isnt(rc, 0, "but a node registered for another host is still refused from 127.0.0.1: "
+                    "unknown nodes are accepted, not known ones from elsewhere")
     finally:
         execute(conn, "ALTER SYSTEM RESET mdd.accept_unknown_nodes")
         execute(conn, "SELECT pg_reload_conf()")
