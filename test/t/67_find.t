@@ -42,8 +42,12 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
 test_dir = env("MDD_TEST_DIR")
-DICOM_PORT = int(env("MDD_DICOM_PORT"))
 HOST = "127.0.0.1"
+# a cluster of the test's own: "every node" and the local catalog hold
+# exactly what this test put there
+PORT = int(env("PGPORT")) + 67
+DICOM_PORT = int(env("MDD_DICOM_PORT")) + 67
+DATADIR = os.path.join(test_dir, "find67")
 if not os.access(ORTHANC, os.X_OK):
     skip_all(f"{ORTHANC} is not installed (Debian package orthanc)")
 
@@ -214,7 +218,10 @@ class SilentListener:
 # the peers
 
 
-conn = connect()
+cluster("start", DATADIR, str(PORT), f"mdd.dicom_port = {DICOM_PORT}", "mdd.job_workers = 1",
+        f"mdd.allowed_paths = '{test_dir}/allowed'")
+conn = connect_when_up(PORT)
+execute(conn, "CREATE EXTENSION mdd")
 execute(conn, "SET mdd.find_timeout = '20s'")
 our_ae = query_value(conn, "SHOW mdd.ae_title")
 peers_dir = make_server_dir(os.path.join(test_dir, "t67-peers"), mode=0o755)
@@ -256,6 +263,7 @@ try:
             raise RuntimeError(f"Orthanc refused {p}: {status} {body!r}")
 except Exception:
     stop_peers()
+    cluster("stop", DATADIR)
     raise
 
 try:
@@ -465,7 +473,7 @@ try:
     execute(conn, "DELETE FROM mdd.node WHERE name LIKE 't67many%'")
 
     # --- 4. cancel: no worker left behind
-    watcher = connect()
+    watcher = connect(port=PORT)
     execute(conn, "UPDATE mdd.node SET options = '{\"find_timeout\": 30}' WHERE name IN ('t67silent', 't67silent2')")
     execute(conn, "SET statement_timeout = '800ms'")
     t0 = time.monotonic()
@@ -477,7 +485,7 @@ try:
     ok(took < 2.0, f"at once ({took:.2f} s)")
     is_(wait_no_workers(watcher), 0, "no find worker is left within two seconds")
 
-    victim = connect()
+    victim = connect(port=PORT)
     pid = query_value(victim, "SELECT pg_backend_pid()")
     outcome = {}
 
@@ -538,7 +546,7 @@ try:
                        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 't67reader') THEN
                          CREATE ROLE t67reader LOGIN IN ROLE mdd_reader;
                        END IF; END $$""")
-    reader = connect(user="t67reader")
+    reader = connect(user="t67reader", port=PORT)
     rows, _ = find(nodes=["local", "t67qr1"], conn=reader)
     is_deeply(keyset(rows), expected_studies("local") | expected_studies("qr1"), "mdd_reader may call mdd.find")
     ok(len(query(reader, "SELECT * FROM mdd.patient_list('P67L')")) > 0, "and mdd.patient_list")
@@ -594,6 +602,7 @@ try:
     watcher.close()
 finally:
     stop_peers()
-    execute(conn, "DELETE FROM mdd.node WHERE name LIKE 't67%'")
+    conn.close()
+    cluster("stop", DATADIR)
 
 done_testing()
