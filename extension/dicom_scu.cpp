@@ -16,6 +16,7 @@
 #include "dicom_stream.hpp"
 
 #include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmnet/dcmlayer.h>
 #include <dcmtk/dcmnet/dcmtrans.h>
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/dul.h>
@@ -65,6 +66,33 @@ mddStoreContexts(const std::vector<std::pair<std::string, std::string>> &classes
 	return contexts;
 }
 
+namespace
+{
+
+/*
+ * The transport layer of an association mdd requests when its caller
+ * wants to know the socket: DCMTK hands it every connection it opens.
+ */
+class HookedLayer : public DcmTransportLayer
+{
+public:
+	HookedLayer(MddSocketHook hook, void *arg) : hook_(hook), arg_(arg) {}
+
+	DcmTransportConnection *createConnection(DcmNativeSocketType openSocket,
+											 OFBool useSecureLayer) override
+	{
+		(void) useSecureLayer;
+		hook_(arg_, static_cast<int>(openSocket));
+		return new DcmTCPConnection(openSocket);
+	}
+
+private:
+	MddSocketHook hook_;
+	void	   *arg_;
+};
+
+}								/* namespace */
+
 MddScuAssociation::~MddScuAssociation()
 {
 	abort();
@@ -72,12 +100,22 @@ MddScuAssociation::~MddScuAssociation()
 		ASC_destroyAssociationParameters(&params_);
 	if (net_)
 		ASC_dropNetwork(&net_);
+	closed();
+}
+
+/* the connection is gone (or never was): tell the hook */
+void
+MddScuAssociation::closed()
+{
+	if (hook_)
+		hook_(hookArg_, -1);
 }
 
 bool
 MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 						const std::string &host, int port, int timeout,
-						const std::vector<MddProposedContext> &contexts, std::string &error)
+						const std::vector<MddProposedContext> &contexts, std::string &error,
+						MddSocketHook hook, void *hookArg)
 {
 	OFCondition cond;
 	std::string address = host + ":" + std::to_string(port);
@@ -92,6 +130,12 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	}
 	dcmConnectionTimeout.set(timeout);
 	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net_);
+	if (cond.good() && hook)
+	{
+		hook_ = hook;
+		hookArg_ = hookArg;
+		cond = ASC_setTransportLayer(net_, new HookedLayer(hook, hookArg), 1);
+	}
 	if (cond.good())
 		cond = ASC_createAssociationParameters(&params_, ASC_DEFAULTMAXPDU);
 	if (cond.bad())
@@ -110,7 +154,8 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 		for (size_t k = 0; k < n; k++)
 			syntaxes[k] = contexts[i].transferSyntaxes[k].c_str();
 		cond = ASC_addPresentationContext(params_, (T_ASC_PresentationContextID) (2 * i + 1),
-										  contexts[i].abstractSyntax.c_str(), syntaxes, (int) n);
+										  contexts[i].abstractSyntax.c_str(), syntaxes, (int) n,
+										  contexts[i].role);
 	}
 	if (cond.good())
 	{
@@ -126,6 +171,7 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 			error = "cannot associate with " + peerAE + " at " + address + ": " + cond.text();
 		if (assoc_)
 			ASC_destroyAssociation(&assoc_);
+		closed();
 		return false;
 	}
 	if (ASC_countAcceptedPresentationContexts(assoc_->params) == 0)
@@ -145,6 +191,7 @@ MddScuAssociation::release()
 	{
 		ASC_releaseAssociation(assoc_);
 		ASC_destroyAssociation(&assoc_);
+		closed();
 	}
 }
 
@@ -155,6 +202,7 @@ MddScuAssociation::abort()
 	{
 		ASC_abortAssociation(assoc_);
 		ASC_destroyAssociation(&assoc_);
+		closed();
 	}
 }
 

@@ -24,7 +24,16 @@ struct MddProposedContext
 {
 	std::string abstractSyntax;
 	std::vector<std::string> transferSyntaxes;
+	/* ASC_SC_ROLE_SCP: we take the SCP role (a C-GET's storage contexts) */
+	T_ASC_SC_ROLE role = ASC_SC_ROLE_DEFAULT;
 };
+
+/*
+ * Called with the socket of an association's TCP connection as soon as it
+ * is connected (before negotiation), and with -1 once it is closed, so
+ * that the caller can shut it down from a signal handler.
+ */
+typedef void (*MddSocketHook) (void *arg, int fd);
 
 /* an association mdd requested; aborted on destruction unless released */
 class MddScuAssociation
@@ -35,10 +44,14 @@ public:
 	MddScuAssociation(const MddScuAssociation &) = delete;
 	MddScuAssociation &operator=(const MddScuAssociation &) = delete;
 
-	/* request an association; false with a reason in error */
+	/*
+	 * Request an association; false with a reason in error.  hook, when
+	 * given, learns the socket of the connection (MddSocketHook).
+	 */
 	bool		open(const std::string &ourAE, const std::string &peerAE,
 					 const std::string &host, int port, int timeout,
-					 const std::vector<MddProposedContext> &contexts, std::string &error);
+					 const std::vector<MddProposedContext> &contexts, std::string &error,
+					 MddSocketHook hook = NULL, void *hookArg = NULL);
 	void		release();
 	void		abort();
 
@@ -48,10 +61,14 @@ public:
 	bool		acceptedNone() const { return acceptedNone_; }
 
 private:
+	void		closed();
+
 	T_ASC_Network *net_;
 	T_ASC_Parameters *params_;
 	T_ASC_Association *assoc_;
 	bool		acceptedNone_ = false;
+	MddSocketHook hook_ = NULL;
+	void	   *hookArg_ = NULL;
 };
 
 /* the transfer syntaxes a receiver of uncompressed data always understands */
