@@ -18,12 +18,12 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/network.o extension/send.o extension/job_wake.o \
 	extension/rule_select.o extension/cron.o extension/throttle.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
-	bgworker/listener.o bgworker/runner.o bgworker/scheduler.o
+	bgworker/listener.o bgworker/runner.o bgworker/fetch_step.o bgworker/scheduler.o
 
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/retrieve.sql \
-	sql/jobs.sql sql/lifecycle.sql sql/send.sql sql/rules.sql sql/dvh.sql sql/roles.sql
+	sql/jobs.sql sql/lifecycle.sql sql/send.sql sql/fetch.sql sql/rules.sql sql/dvh.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 

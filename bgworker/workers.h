@@ -59,4 +59,7 @@ extern ErrorData *mdd_worker_in_transaction(const char *activity, void (*work) (
 extern Datum mdd_wire_text_datum(const char *s);
 extern unsigned short mdd_store_failure_status(int sqlerrcode);
 
+/* fetch_step.c: the network step of retrieve and move jobs */
+extern char *mdd_fetch_step(int64 job, ErrorData **error);
+
 #endif							/* MDD_WORKERS_H */

@@ -429,6 +429,7 @@ BEGIN
 	-- the wait it was due after is over: the other runners need not look at it
 	UPDATE mdd.job x SET next_attempt_at = NULL WHERE x.id = j.id AND x.next_attempt_at IS NOT NULL;
 	IF j.kind = 'send' THEN RETURN mdd._send_step(j); END IF;	-- sql/send.sql
+	IF j.kind IN ('retrieve', 'move') THEN RETURN mdd._fetch_step(j); END IF;	-- sql/fetch.sql
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN

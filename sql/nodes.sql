@@ -10,6 +10,8 @@ CREATE TABLE mdd.node (
 	may_query		boolean NOT NULL DEFAULT true,
 	may_retrieve	boolean NOT NULL DEFAULT true,
 	may_send		boolean NOT NULL DEFAULT true,	-- mdd may send objects to it
+	retrieve_by		text NOT NULL DEFAULT 'move'	-- how mdd.retrieve asks it for objects
+					CHECK (retrieve_by IN ('move', 'get')),
 	options			jsonb NOT NULL DEFAULT '{}',
 	created_at		timestamptz NOT NULL DEFAULT now()
 );
@@ -20,7 +22,8 @@ CREATE INDEX ON mdd.node (ae_title);
 -- its AE title is accepted only from that host when host is set.  Options:
 -- {"store": bool, "query": bool, "retrieve": bool} (default all true): what
 -- it may ask of mdd; {"send": bool} (default true): whether mdd sends
--- objects to it (mdd.send, C-MOVE destination).
+-- objects to it (mdd.send, C-MOVE destination); {"retrieve_by": "move" or
+-- "get"} (default "move"): how mdd.retrieve asks it for objects.
 CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
 							 options jsonb DEFAULT '{}')
 RETURNS void
@@ -49,18 +52,23 @@ BEGIN
 		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
-	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve', 'send');
+	FROM jsonb_object_keys(options) k WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'retrieve_by');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
-			USING ERRCODE = '22023', HINT = 'Options are "store", "query", "retrieve" and "send".';
+			USING ERRCODE = '22023', HINT = 'Options are "store", "query", "retrieve", "send" and "retrieve_by".';
+	END IF;
+	IF options ? 'retrieve_by' AND coalesce(options->>'retrieve_by', '') NOT IN ('move', 'get') THEN
+		RAISE EXCEPTION 'invalid node option "retrieve_by"'
+			USING ERRCODE = '22023', HINT = 'It is "move" (C-MOVE to this archive) or "get" (C-GET).';
 	END IF;
 	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, may_send,
-						  options)
+						  retrieve_by, options)
 	VALUES (add_node.name, add_node.ae_title, nullif(add_node.host, ''), add_node.port,
 			coalesce((options->>'store')::boolean, true),
 			coalesce((options->>'query')::boolean, true),
 			coalesce((options->>'retrieve')::boolean, true),
 			coalesce((options->>'send')::boolean, true),
+			coalesce(options->>'retrieve_by', 'move'),
 			options);
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
@@ -68,7 +76,8 @@ END;
 $$;
 
 CREATE VIEW mdd.nodes AS
-SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at
+SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, retrieve_by,
+	   created_at
 FROM mdd.node;
 
 CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text
