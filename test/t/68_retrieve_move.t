@@ -29,13 +29,17 @@
 #   8. roles: a reader may not retrieve or move, an operator may;
 #   9. a restart of mdd's server in the middle of a retrieve (a cluster of
 #      this test): the job completes after it, every instance archived once,
-#      and at most the instances of the step in flight sent twice.
+#      and at most the instances of the step in flight sent twice; a server
+#      stop while a runner waits for a node that never answers is not held
+#      up by the wait.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -553,6 +557,40 @@ try:
         ok(len(h_ct) <= sent <= len(h_ct) + 5,
            "at most the instances of the step in flight were sent twice",
            f"    QR4 sent {sent} C-STOREs for {len(h_ct)} instances")
+
+        # a server stop while the runner waits for a node that never answers
+        silent = socket.socket()
+        silent.bind((HOST, 0))
+        silent.listen(4)
+        held = []
+
+        def hold():
+            while True:
+                try:
+                    held.append(silent.accept()[0])
+                except OSError:
+                    return
+        threading.Thread(target=hold, daemon=True).start()
+        execute(c2, "SELECT mdd.add_node('silent', 'SILENT', %s, %s)", (HOST, silent.getsockname()[1]))
+        job = query_value(c2, "SELECT mdd.retrieve('silent', %s)", (h_study,))
+        ok(wait_for(lambda: query_value(c2, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                                            "'mdd job runner' AND query LIKE %s", (f"job {job}: C-FIND%",)), 30),
+           "a node that accepts the connection and never answers: the runner waits for it")
+        c2.close()
+        c2 = None
+        t0 = time.monotonic()
+        cluster("stop", datadir)
+        stop_time = time.monotonic() - t0
+        ok(stop_time < 10, "the server stops at once all the same (the runner's wait is cut short)",
+           f"    the stop took {stop_time:.1f} s (mdd.dicom_acse_timeout is 30 s)")
+        cluster("start", datadir, str(cport))
+        c2 = connect_when_up()
+        is_(query_value(c2, "SELECT state FROM mdd.jobs WHERE id = %s", (job,)), "running",
+            "the job is still running after the restart, to be resumed")
+        execute(c2, "SELECT mdd.cancel(%s)", (job,))
+        silent.close()
+        for h in held:
+            h.close()
         c2.close()
         c2 = None
     finally:
