@@ -215,14 +215,14 @@ dest = StoreSCP(work, "T68DEST", user=SCP_USER)
 processes.append(dest)
 dest.start()
 movers = {"MDD": (HOST, PORT), "T68DEST": (HOST, dest.port)}
-qr1 = QRSCP(os.path.join(work, "qr1"), "QR1", peers=movers)
-qr2 = QRSCP(os.path.join(work, "qr2"), "QR2", peers=movers)
+qr1 = QRSCP(os.path.join(work, "t68qr1"), "T68QR1", peers=movers)
+qr2 = QRSCP(os.path.join(work, "t68qr2"), "T68QR2", peers=movers)
 processes += [qr1, qr2]
 qr1.load([f["path"] for f in A.values()])
 qr2.load([f["path"] for f in B.values()])
 qr1.start()
 qr2.start()
-orthanc = Orthanc(make_server_dir(os.path.join(work, "orthanc"), mode=0o755), aet="T68ORTHANC",
+orthanc = Orthanc(make_server_dir(os.path.join(work, "t68orthanc"), mode=0o755), aet="T68ORTHANC",
                   modalities={"mdd": ["MDD", HOST, PORT]})
 try:
     orthanc.start()
@@ -230,10 +230,10 @@ try:
         status, body = orthanc.post("/instances", f["data"])
         assert status == 200, f"Orthanc refused {f['path']}: {status} {body}"
 
-    add_node("qr1", "QR1", qr1.port)
-    add_node("qr2", "QR2", qr2.port)
-    add_node("orthanc", "T68ORTHANC", orthanc.dicom_port)
-    add_node("dest", "T68DEST", dest.port)
+    add_node("t68qr1", "T68QR1", qr1.port)
+    add_node("t68qr2", "T68QR2", qr2.port)
+    add_node("t68orthanc", "T68ORTHANC", orthanc.dicom_port)
+    add_node("t68dest", "T68DEST", dest.port)
     ok(True, f"setup: QR1 holds patient T68A ({len(A)} instances), QR2 T68B ({len(B)}), "
              f"Orthanc T68C ({len(C)}); storescp listens as T68DEST")
 
@@ -244,28 +244,28 @@ try:
     raises(conn, "SELECT mdd.retrieve('nosuch', %s)", (a_study,), "42704",
            "retrieve from an unknown node: 42704", r'node "nosuch" does not exist')
     raises(conn, "SELECT mdd.retrieve(NULL, %s)", (a_study,), "42704", "retrieve from node NULL: 42704")
-    raises(conn, "SELECT mdd.move('nosuch', 'dest', %s)", (a_study,), "42704",
+    raises(conn, "SELECT mdd.move('nosuch', 't68dest', %s)", (a_study,), "42704",
            "move from an unknown node: 42704")
-    raises(conn, "SELECT mdd.move('qr1', 'nosuch', %s)", (a_study,), "42704",
+    raises(conn, "SELECT mdd.move('t68qr1', 'nosuch', %s)", (a_study,), "42704",
            "move to an unknown node: 42704", r'node "nosuch" does not exist')
-    raises(conn, "SELECT mdd.retrieve('qr1', NULL)", None, "22004",
+    raises(conn, "SELECT mdd.retrieve('t68qr1', NULL)", None, "22004",
            "retrieve without a study UID: 22004", r"study_instance_uid must not be NULL")
-    raises(conn, "SELECT mdd.move('qr1', 'dest', NULL)", None, "22004", "move without a study UID: 22004")
-    raises(conn, "SELECT mdd.retrieve('qr1', 'not.a.uid')", None, "22023",
+    raises(conn, "SELECT mdd.move('t68qr1', 't68dest', NULL)", None, "22004", "move without a study UID: 22004")
+    raises(conn, "SELECT mdd.retrieve('t68qr1', 'not.a.uid')", None, "22023",
            "a study UID that is not a UID: 22023", r'invalid study_instance_uid "not\.a\.uid"')
-    raises(conn, "SELECT mdd.retrieve('qr1', %s, '1..2')", (a_study,), "22023",
+    raises(conn, "SELECT mdd.retrieve('t68qr1', %s, '1..2')", (a_study,), "22023",
            "a malformed series UID: 22023", r"invalid series_instance_uid")
-    raises(conn, "SELECT mdd.retrieve('qr1', %s, NULL, '')", (a_study,), "22023",
+    raises(conn, "SELECT mdd.retrieve('t68qr1', %s, NULL, '')", (a_study,), "22023",
            "an empty SOP Instance UID: 22023", r"invalid sop_instance_uid")
-    raises(conn, "SELECT mdd.retrieve('qr1', %s)", ("1." + "2" * 70,), "22023", "a UID of 72 characters: 22023")
+    raises(conn, "SELECT mdd.retrieve('t68qr1', %s)", ("1." + "2" * 70,), "22023", "a UID of 72 characters: 22023")
     execute(conn, "SELECT mdd.add_node('t68nohost', 'NOHOST', NULL, NULL)")
     raises(conn, "SELECT mdd.retrieve('t68nohost', %s)", (a_study,), "22023",
            "a node without host and port: 22023", r'node "t68nohost" has no host and port')
-    add_node("t68nostore", "QR1", qr1.port, {"store": False})
+    add_node("t68nostore", "T68QR1", qr1.port, {"store": False})
     raises(conn, "SELECT mdd.retrieve('t68nostore', %s)", (a_study,), "42501",
            "retrieve by C-MOVE from a node that may not store to mdd: 42501", r"may not store to this archive")
     add_node("t68nosend", "NOSEND", 1, {"send": False})
-    raises(conn, "SELECT mdd.move('qr1', 't68nosend', %s)", (a_study,), "42501",
+    raises(conn, "SELECT mdd.move('t68qr1', 't68nosend', %s)", (a_study,), "42501",
            "move to a node mdd may not send to: 42501")
     raises(conn, "SELECT mdd.add_node('t68bad', 'BAD', %s, 1, '{\"retrieve_by\": \"ftp\"}')", (HOST,), "22023",
            "node option retrieve_by other than move or get: 22023", r'invalid node option "retrieve_by"')
@@ -274,10 +274,10 @@ try:
     # =======================================================================
     # 2. retrieve by C-MOVE from each PACS
 
-    job = retrieve("qr1", a_study, a_ct_series)
+    job = retrieve("t68qr1", a_study, a_ct_series)
     is_(wait(job), "done", "QR1: retrieve of the CT series by C-MOVE: done")
     check_job("QR1 CT series", job, "done", len(a_ct), len(a_ct))
-    check_archived("QR1 CT series", a_ct, "QR1")
+    check_archived("QR1 CT series", a_ct, "T68QR1")
     is_((audit_rows("retrieve requested", job), audit_rows("retrieve", job), audit_rows("retrieve done", job)),
         (1, len(a_ct), 1), "audit: 'retrieve requested', one 'retrieve' per instance, 'retrieve done'")
     ok(set(r["state"] for r in instances(job).values()) == {"done"}
@@ -287,17 +287,17 @@ try:
     qr1_stores = qr_log_count(qr1, "Store SCU RQ")
     is_(qr1_stores, len(a_ct), "QR1 sent each instance once")
 
-    job = retrieve("qr2", b_plan_study)
+    job = retrieve("t68qr2", b_plan_study)
     is_(wait(job), "done", "QR2: retrieve of the planning study (CT, structure set, plan, dose): done")
     check_job("QR2 planning study", job, "done", len(b_plan), len(b_plan))
-    check_archived("QR2 planning study", b_plan, "QR2")
+    check_archived("QR2 planning study", b_plan, "T68QR2")
 
-    job = retrieve("orthanc", c_ct_study, c_ct_series)
+    job = retrieve("t68orthanc", c_ct_study, c_ct_series)
     is_(wait(job), "done", "Orthanc: retrieve of the CT series by C-MOVE: done")
     check_job("Orthanc CT series", job, "done", len(c_ct), len(c_ct))
     check_archived("Orthanc CT series", c_ct, "T68ORTHANC")
 
-    job = retrieve("orthanc", c_plan_study, C[c_plan_uid]["series_instance_uid"], c_plan_uid)
+    job = retrieve("t68orthanc", c_plan_study, C[c_plan_uid]["series_instance_uid"], c_plan_uid)
     is_(wait(job), "done", "Orthanc: retrieve of one instance (the RT Plan): done")
     check_job("Orthanc RT Plan", job, "done", 1, 1)
     check_archived("Orthanc RT Plan", {c_plan_uid: C[c_plan_uid]}, "T68ORTHANC")
@@ -305,7 +305,7 @@ try:
     # =======================================================================
     # 3. retrieve again: nothing fetched twice
 
-    job = retrieve("qr1", a_study, a_ct_series)
+    job = retrieve("t68qr1", a_study, a_ct_series)
     is_(wait(job), "done", "QR1: the same series again: done")
     check_job("QR1 again", job, "done", len(a_ct), len(a_ct))
     inst = instances(job)
@@ -323,7 +323,7 @@ try:
     for uid in cbct_sorted[:2]:
         query_value(conn, "SELECT mdd.store_file(%s)", (a_cbct[uid]["path"],))
     qr1_stores = qr_log_count(qr1, "Store SCU RQ")
-    job = retrieve("qr1", a_cbct_study, a_cbct_series)
+    job = retrieve("t68qr1", a_cbct_study, a_cbct_series)
     is_(wait(job), "done", f"QR1: a CBCT series of {len(a_cbct)} instances, 2 of them archived already: done")
     check_job("QR1 CBCT series, in part here", job, "done", len(a_cbct), len(a_cbct))
     inst = instances(job)
@@ -332,23 +332,23 @@ try:
     is_(qr_log_count(qr1, "Store SCU RQ") - qr1_stores, len(a_cbct) - 2,
         f"QR1 sent only the {len(a_cbct) - 2} missing instances")
     is_(audit_rows("retrieve", job), len(a_cbct) - 2, "one 'retrieve' audit row per instance fetched")
-    check_archived("QR1 CBCT series, the missing", {u: a_cbct[u] for u in cbct_sorted[2:]}, "QR1")
+    check_archived("QR1 CBCT series, the missing", {u: a_cbct[u] for u in cbct_sorted[2:]}, "T68QR1")
 
     # =======================================================================
     # 4. retrieve by C-GET
 
-    add_node("qr1get", "QR1", qr1.port, {"retrieve_by": "get"})
+    add_node("t68qr1get", "T68QR1", qr1.port, {"retrieve_by": "get"})
     qr1_moves = qr_log_count(qr1, "Received Move SCP")
-    job = retrieve("qr1get", a_plan_study)
+    job = retrieve("t68qr1get", a_plan_study)
     is_(wait(job), "done", "QR1 by C-GET: the planning study (the CT series already here): done")
     a_rt = {u: f for u, f in a_plan.items() if u not in a_ct}
     check_job("QR1 by C-GET", job, "done", len(a_plan), len(a_plan))
-    check_archived("QR1 by C-GET", a_rt, "QR1")
+    check_archived("QR1 by C-GET", a_rt, "T68QR1")
     ok(qr_log_count(qr1, "Received Get SCP") >= 1 and qr_log_count(qr1, "Received Move SCP") == qr1_moves,
        "QR1 got a C-GET, no C-MOVE")
 
-    add_node("orthanc-get", "T68ORTHANC", orthanc.dicom_port, {"retrieve_by": "get"})
-    job = retrieve("orthanc-get", c_cbct_study, c_cbct_series)
+    add_node("t68orthanc-get", "T68ORTHANC", orthanc.dicom_port, {"retrieve_by": "get"})
+    job = retrieve("t68orthanc-get", c_cbct_study, c_cbct_series)
     is_(wait(job), "done", f"Orthanc by C-GET: the other study's series ({len(c_cbct)} instances): done")
     check_job("Orthanc by C-GET", job, "done", len(c_cbct), len(c_cbct))
     check_archived("Orthanc by C-GET", c_cbct, "T68ORTHANC")
@@ -356,7 +356,7 @@ try:
     # =======================================================================
     # 5. move from QR2 to storescp
 
-    job = move("qr2", "dest", b_plan_study)
+    job = move("t68qr2", "t68dest", b_plan_study)
     is_(wait(job), "done", "move of QR2's planning study to storescp: done")
     check_job("move to storescp", job, "done", len(b_plan), len(b_plan))
     got = dest.received()
@@ -380,14 +380,14 @@ try:
 
     D = patient("T68D", 684, 4)
     d_study, d_ct_series, d_ct = series_of(D, "ct/")
-    qr3 = QRSCP(os.path.join(work, "qr3"), "QR3", peers=movers)
+    qr3 = QRSCP(os.path.join(work, "t68qr3"), "T68QR3", peers=movers)
     processes.append(qr3)
     qr3.load([f["path"] for f in d_ct.values()])
-    add_node("qr3", "QR3", qr3.port)       # registered; nothing listens yet
-    job = retrieve("qr3", d_study, d_ct_series, options={"max_attempts": 50, "retry_delay": 0.2})
+    add_node("t68qr3", "T68QR3", qr3.port)       # registered; nothing listens yet
+    job = retrieve("t68qr3", d_study, d_ct_series, options={"max_attempts": 50, "retry_delay": 0.2})
     ok(wait_for(lambda: job_row(job)["attempts"] >= 2) and job_row(job)["state"] in ("queued", "running"),
        "node down: the job is retried, attempts grow, it is not given up", f"    {job_row(job)}")
-    like(job_row(job)["error"], rf"attempt \d+ failed, will retry: node qr3 .*cannot associate with QR3 at "
+    like(job_row(job)["error"], rf"attempt \d+ failed, will retry: node t68qr3 .*cannot associate with T68QR3 at "
                                 rf"{HOST}:{qr3.port}.*SQLSTATE 08001",
          "its error says why: the node cannot be reached (SQLSTATE 08001)")
     is_(job_row(job)["total"], 0, "nothing is counted while the node cannot say what it holds")
@@ -395,11 +395,11 @@ try:
     is_(wait(job), "done", "once dcmqrscp listens, the job completes")
     r = check_job("node down, then up", job, "done", len(d_ct), len(d_ct))
     ok(r["attempts"] == 0 and r["error"] is None, "attempts and error are cleared", f"    {r}")
-    check_archived("node down, then up", d_ct, "QR3")
+    check_archived("node down, then up", d_ct, "T68QR3")
 
     # QR2 killed after part of a series came, started again
     b_cbct_study, b_cbct_series, b_cbct = series_of(B, "cbct/")
-    job = retrieve("qr2", b_cbct_study, b_cbct_series,
+    job = retrieve("t68qr2", b_cbct_study, b_cbct_series,
                    options={"batch": 5, "max_attempts": 50, "retry_delay": 0.2})
     ok(wait_for(lambda: job_row(job)["done"] >= 10, 60),
        f"QR2 killed in the middle: a retrieve of {len(b_cbct)} instances, 5 per step, has 10 here",
@@ -407,18 +407,18 @@ try:
     qr2.stop()
     ok(wait_for(lambda: job_row(job)["attempts"] >= 1, 30) and job_row(job)["state"] == "running",
        "while QR2 is down the job waits and retries", f"    {job_row(job)}")
-    like(job_row(job)["error"], r"node qr2 .*SQLSTATE 080(01|06)",
+    like(job_row(job)["error"], r"node t68qr2 .*SQLSTATE 080(01|06)",
          "its error says the association with QR2 failed or it cannot be reached")
     qr2.start()
     is_(wait(job), "done", "QR2 started again: the job completes")
     check_job("QR2 killed and started again", job, "done", len(b_cbct), len(b_cbct))
-    check_archived("QR2 killed and started again", b_cbct, "QR2")
+    check_archived("QR2 killed and started again", b_cbct, "T68QR2")
 
     # cancel in the middle
     E = patient("T68E", 685, 4)
     e_cbct_study, e_cbct_series, e_cbct = series_of(E, "cbct/")
     qr3.load([f["path"] for f in e_cbct.values()])
-    job = retrieve("qr3", e_cbct_study, e_cbct_series, options={"batch": 2})
+    job = retrieve("t68qr3", e_cbct_study, e_cbct_series, options={"batch": 2})
     ok(wait_for(lambda: job_row(job)["done"] >= 4, 60), "cancel: a retrieve 2 instances per step has 4 here")
     execute(conn, "SELECT mdd.cancel(%s)", (job,))
     is_(wait(job), "cancelled", "mdd.cancel stops it: cancelled")
@@ -438,8 +438,8 @@ try:
                     delay=2.5)
     processes.append(late)
     late.start()
-    add_node("late", "T68LATE", late.port)
-    job = retrieve("late", f_study, f_ct_series, options={"retry_delay": 1})
+    add_node("t68late", "T68LATE", late.port)
+    job = retrieve("t68late", f_study, f_ct_series, options={"retry_delay": 1})
     ok(wait_for(lambda: (job_row(job)["error"] or "").find("not here yet") >= 0, 30),
        "a node that answers success before sending: the job waits for what is not here yet",
        f"    {job_row(job)}\n{late.log()}")
@@ -458,11 +458,11 @@ try:
                           destinations={"MDD": (HOST, PORT)}, withhold={never})
     processes.append(never_pacs)
     never_pacs.start()
-    add_node("never", "T68NEVER", never_pacs.port)
-    job = retrieve("never", g_study, g_series, options={"max_attempts": 3, "retry_delay": 0.2})
+    add_node("t68never", "T68NEVER", never_pacs.port)
+    job = retrieve("t68never", g_study, g_series, options={"max_attempts": 3, "retry_delay": 0.2})
     is_(wait(job), "failed", "a node that never sends one instance it counts as completed: the job fails")
     r = check_job("instance never sent", job, "failed", len(g_ct), len(g_ct) - 1, 1)
-    like(r["error"], rf"1 of {len(g_ct)} instances failed; the first, {re.escape(never)}: node never "
+    like(r["error"], rf"1 of {len(g_ct)} instances failed; the first, {re.escape(never)}: node t68never "
                      r"answered C-MOVE status 0x0000 \(1 completed.*but it has not arrived",
          "its error names the instance and says the node claimed to have sent it")
     is_(instances(job)[never]["asked"], 3, "it was asked for max_attempts (3) times")
@@ -478,17 +478,17 @@ try:
     execute(conn, "CREATE ROLE tap68reader LOGIN IN ROLE mdd_reader")
     execute(conn, "CREATE ROLE tap68operator LOGIN IN ROLE mdd_operator")
     reader = connect(user="tap68reader")
-    raises(reader, "SELECT mdd.retrieve('orthanc', %s)", (c_ct_study,), "42501", "a reader may not retrieve")
-    raises(reader, "SELECT mdd.move('qr2', 'dest', %s)", (b_plan_study,), "42501", "a reader may not move")
+    raises(reader, "SELECT mdd.retrieve('t68orthanc', %s)", (c_ct_study,), "42501", "a reader may not retrieve")
+    raises(reader, "SELECT mdd.move('t68qr2', 't68dest', %s)", (b_plan_study,), "42501", "a reader may not move")
     reader.close()
     operator = connect(user="tap68operator")
     c_struct = next(u for u, f in C.items() if f["modality"] == "RTSTRUCT")
-    op_job = query_value(operator, "SELECT mdd.retrieve('orthanc', %s, %s, %s)",
+    op_job = query_value(operator, "SELECT mdd.retrieve('t68orthanc', %s, %s, %s)",
                          (C[c_struct]["study_instance_uid"], C[c_struct]["series_instance_uid"], c_struct))
     is_(query_value(operator, "SELECT mdd.wait(%s, '60 s')", (op_job,)), "done", "an operator may retrieve")
     is_(query_value(operator, "SELECT created_by FROM mdd.jobs WHERE id = %s", (op_job,)), "tap68operator",
         "the job is the operator's")
-    job = query_value(operator, "SELECT mdd.move('qr3', 'dest', %s, %s)", (d_study, d_ct_series))
+    job = query_value(operator, "SELECT mdd.move('t68qr3', 't68dest', %s, %s)", (d_study, d_ct_series))
     is_(query_value(operator, "SELECT mdd.wait(%s, '60 s')", (job,)), "done", "an operator may move")
     operator.close()
     is_(query_value(conn, "SELECT role FROM mdd.audit_log WHERE action = 'retrieve requested' AND detail LIKE %s",
@@ -520,7 +520,7 @@ try:
 
     H = patient("T68H", 688, 30)
     h_study, h_series, h_ct = series_of(H, "ct/")
-    qr4 = QRSCP(os.path.join(work, "qr4"), "QR4", peers={"MDD2": (HOST, dport)})
+    qr4 = QRSCP(os.path.join(work, "qr4"), "T68QR4", peers={"MDD2": (HOST, dport)})
     processes.append(qr4)
     qr4.load([f["path"] for f in h_ct.values()])
     qr4.start()
@@ -530,10 +530,10 @@ try:
     try:
         c2 = connect_when_up()
         execute(c2, "CREATE EXTENSION mdd")
-        execute(c2, "SELECT mdd.add_node('qr4', 'QR4', %s, %s)", (HOST, qr4.port))
+        execute(c2, "SELECT mdd.add_node('t68qr4', 'T68QR4', %s, %s)", (HOST, qr4.port))
         c2.autocommit = False
         cur = c2.cursor()
-        cur.execute("SELECT mdd.retrieve('qr4', %s, %s)", (h_study, h_series))
+        cur.execute("SELECT mdd.retrieve('t68qr4', %s, %s)", (h_study, h_series))
         job = cur.fetchone()[0]
         cur.execute("""UPDATE mdd.job SET options = '{"batch": 5}' WHERE id = %s""", (job,))
         c2.commit()
@@ -551,7 +551,7 @@ try:
         is_(wait(job, c=c2), "done", "and it completes")
         r = query_one(c2, "SELECT total, done, failed FROM mdd.jobs WHERE id = %s", (job,))
         is_((r["total"], r["done"], r["failed"]), (len(h_ct), len(h_ct), 0), "every instance counted")
-        check_archived("after the restart", h_ct, "QR4", c=c2)
+        check_archived("after the restart", h_ct, "T68QR4", c=c2)
         is_(query_value(c2, "SELECT count(*) FROM mdd.objects"), len(h_ct), "and nothing else")
         sent = qr_log_count(qr4, "Store SCU RQ")
         ok(len(h_ct) <= sent <= len(h_ct) + 5,
@@ -571,8 +571,8 @@ try:
                 except OSError:
                     return
         threading.Thread(target=hold, daemon=True).start()
-        execute(c2, "SELECT mdd.add_node('silent', 'SILENT', %s, %s)", (HOST, silent.getsockname()[1]))
-        job = query_value(c2, "SELECT mdd.retrieve('silent', %s)", (h_study,))
+        execute(c2, "SELECT mdd.add_node('t68silent', 'SILENT', %s, %s)", (HOST, silent.getsockname()[1]))
+        job = query_value(c2, "SELECT mdd.retrieve('t68silent', %s)", (h_study,))
         ok(wait_for(lambda: query_value(c2, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
                                             "'mdd job runner' AND query LIKE %s", (f"job {job}: C-FIND%",)), 30),
            "a node that accepts the connection and never answers: the runner waits for it")
