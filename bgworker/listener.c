@@ -27,7 +27,6 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -52,28 +51,6 @@ typedef struct Peer
 	char		calling_ae[20];
 	MemoryContext scratch;		/* reset after each callback */
 } Peer;
-
-/*
- * Text that came from the wire (AE titles, UIDs, identifiers) as a text
- * datum that is valid in the database encoding: if it is not, every byte
- * outside printable ASCII becomes '?'.  AE titles and UIDs are ASCII by
- * definition; a peer sending other bytes must not put invalid text into
- * the catalog or the audit trail.
- */
-static Datum
-wire_text_datum(const char *s)
-{
-	size_t		len = strlen(s);
-	char	   *copy;
-
-	if (pg_verifymbstr(s, len, true))
-		return CStringGetTextDatum(s);
-	copy = pstrdup(s);
-	for (char *p = copy; *p; p++)
-		if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7E)
-			*p = '?';
-	return CStringGetTextDatum(copy);
-}
 
 /* show the association served in pg_stat_activity */
 static void
@@ -152,9 +129,9 @@ admit_work(Peer *peer, void *ctx)
 	Datum		values[3];
 	bool		isnull;
 
-	values[0] = wire_text_datum(w->calling_ae);
-	values[1] = wire_text_datum(w->called_ae);
-	values[2] = wire_text_datum(peer->host);	/* what the socket says */
+	values[0] = mdd_wire_text_datum(w->calling_ae);
+	values[1] = mdd_wire_text_datum(w->called_ae);
+	values[2] = mdd_wire_text_datum(peer->host);	/* what the socket says */
 	run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
 	if (SPI_processed == 1)
 	{
@@ -196,22 +173,6 @@ admit_callback(void *arg, const char *calling_ae, const char *called_ae,
 	return w.permits;
 }
 
-/* the DIMSE failure status for an error of the store path */
-static unsigned short
-store_failure_status(int sqlerrcode)
-{
-	if (sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
-		return 0x0111;			/* Duplicate SOP Instance */
-	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
-		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
-		sqlerrcode == ERRCODE_DISK_FULL)
-		return 0xA700;			/* Refused: Out of Resources */
-	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_DATA_EXCEPTION ||
-		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
-		return 0xC000;			/* Error: Cannot Understand */
-	return 0x0110;				/* Processing Failure */
-}
-
 typedef struct StoreWork
 {
 	const unsigned char *data;
@@ -235,9 +196,9 @@ store_work(Peer *peer, void *ctx)
 	SET_VARSIZE(bytes, VARHDRSZ + w->len);
 	memcpy(VARDATA(bytes), w->data, w->len);
 	values[0] = PointerGetDatum(bytes);
-	values[1] = wire_text_datum(peer->calling_ae);
-	values[2] = wire_text_datum(peer->host);
-	values[3] = wire_text_datum(w->sop_instance_uid);
+	values[1] = mdd_wire_text_datum(peer->calling_ae);
+	values[2] = mdd_wire_text_datum(peer->host);
+	values[3] = mdd_wire_text_datum(w->sop_instance_uid);
 	run_sql("SELECT mdd._store_received($1, $2, $3, $4)", 4, types, values, NULL);
 }
 
@@ -253,7 +214,7 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 
 	if (edata)
 	{
-		status = store_failure_status(edata->sqlerrcode);
+		status = mdd_store_failure_status(edata->sqlerrcode);
 		snprintf(comment, comment_len, "%s", edata->message);
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: C-STORE of %s from \"%s\" at %s failed with status 0x%04X: %s",
@@ -334,9 +295,9 @@ find_work(Peer *peer, void *ctx)
 	char	 ***rows;
 	char	   *p;
 
-	values[0] = wire_text_datum(w->model);
-	values[1] = wire_text_datum(w->level);
-	values[2] = wire_text_datum(w->keys_json);
+	values[0] = mdd_wire_text_datum(w->model);
+	values[1] = mdd_wire_text_datum(w->level);
+	values[2] = mdd_wire_text_datum(w->keys_json);
 	run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
 	if (SPI_processed < 1)
 		elog(ERROR, "mdd._dicom_find returned no keyword row");
@@ -427,15 +388,15 @@ retrieve_work(Peer *peer, void *ctx)
 	size_t		total = 0;
 	char	   *p;
 
-	values[0] = wire_text_datum(w->operation);
-	values[1] = wire_text_datum(w->model);
-	values[2] = wire_text_datum(w->level);
-	values[3] = wire_text_datum(w->keys_json);
-	values[4] = wire_text_datum(w->destination ? w->destination : "");
+	values[0] = mdd_wire_text_datum(w->operation);
+	values[1] = mdd_wire_text_datum(w->model);
+	values[2] = mdd_wire_text_datum(w->level);
+	values[3] = mdd_wire_text_datum(w->keys_json);
+	values[4] = mdd_wire_text_datum(w->destination ? w->destination : "");
 	if (w->destination == NULL)
 		nulls[4] = 'n';
-	values[5] = wire_text_datum(peer->calling_ae);
-	values[6] = wire_text_datum(peer->host);
+	values[5] = mdd_wire_text_datum(peer->calling_ae);
+	values[6] = mdd_wire_text_datum(peer->host);
 	run_sql("SELECT object_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid"
 			" FROM mdd._dicom_retrieve($1, $2, $3, $4::jsonb, $5, $6, $7)",
 			7, types, values, nulls);
@@ -512,7 +473,7 @@ destination_work(Peer *peer, void *ctx)
 	Datum		values[1];
 	bool		isnull;
 
-	values[0] = wire_text_datum(w->ae_title);
+	values[0] = mdd_wire_text_datum(w->ae_title);
 	run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
 	strlcpy(w->host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), w->host_len);
 	*w->port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
@@ -603,10 +564,10 @@ audit_work(Peer *peer, void *ctx)
 	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 	Datum		values[4];
 
-	values[0] = wire_text_datum(w->action);
-	values[1] = wire_text_datum(w->detail);
-	values[2] = wire_text_datum(peer->calling_ae);
-	values[3] = wire_text_datum(peer->host);
+	values[0] = mdd_wire_text_datum(w->action);
+	values[1] = mdd_wire_text_datum(w->detail);
+	values[2] = mdd_wire_text_datum(peer->calling_ae);
+	values[3] = mdd_wire_text_datum(peer->host);
 	run_sql("SELECT mdd._dicom_audit($1, $2, $3, $4)", 4, types, values, NULL);
 }
 

@@ -11,13 +11,16 @@
  * and fails the job for permanent ones.  Between jobs the runner sleeps on
  * its latch: a commit that queues work wakes it (extension/job_wake.c), or
  * the time of the next retry.  SIGTERM ends it at once (die): a step cut
- * short is rolled back and done again by whoever resumes the job.
+ * short is rolled back and done again by whoever resumes the job.  The
+ * network steps of retrieve and move jobs run outside any transaction
+ * (fetch_step.c); SIGTERM shuts their connection down as well.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <math.h>
+#include <sys/socket.h>
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -36,6 +39,22 @@
 #include "workers.h"
 
 static int	runner_number;
+
+/*
+ * SIGTERM: PostgreSQL's die, after shutting down the connection of a
+ * network step (fetch_step.c), so that a read DCMTK is blocked in returns
+ * at once (shutdown() is async-signal-safe).
+ */
+static void
+runner_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	if (mdd_connection_fd >= 0)
+		(void) shutdown(mdd_connection_fd, SHUT_RDWR);
+	errno = save_errno;
+	die(postgres_signal_arg);
+}
 
 /* tell the queue a step of the job failed; it decides retry or failure */
 static void
@@ -90,6 +109,12 @@ work_on(int64 job)
 	{
 		CHECK_FOR_INTERRUPTS();
 		result = mdd_worker_run_sql(activity, "SELECT mdd._job_step($1)", job, true, &error);
+		if (!error && result && strcmp(result, "network") == 0)
+		{
+			/* a retrieve or move job asks its node: no transaction open */
+			pfree(result);
+			result = mdd_fetch_step(job, &error);
+		}
 		if (error)
 		{
 			report_failure(job, error);
@@ -143,7 +168,7 @@ mdd_runner_main(Datum arg)
 
 	runner_number = DatumGetInt32(arg);
 	mdd_worker_setup_signals();
-	pqsignal(SIGTERM, die);
+	pqsignal(SIGTERM, runner_sigterm);
 	BackgroundWorkerInitializeConnection(mdd_database, NULL, 0);
 	pgstat_report_appname(psprintf("mdd job runner %d", runner_number));
 	mdd_runner_attach(runner_number - 1);

@@ -20,11 +20,13 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/latch.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -147,4 +149,73 @@ mdd_worker_run_sql(const char *activity, const char *sql, int64 arg, bool has_ar
 	}
 	PG_END_TRY();
 	return result;
+}
+
+/*
+ * Run work(ctx) in a transaction of its own (with SPI and a snapshot),
+ * inside PG_TRY, so that no error unwinds into the caller's frames (DCMTK,
+ * when the caller is a callback).  Returns NULL once it committed; after
+ * an error the transaction is aborted and the error returned, copied into
+ * the memory context that was current at the call.
+ */
+ErrorData *
+mdd_worker_in_transaction(const char *activity, void (*work) (void *ctx), void *ctx)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	ErrorData  *volatile edata = NULL;
+
+	PG_TRY();
+	{
+		mdd_worker_begin_transaction(activity);
+		work(ctx);
+		mdd_worker_commit_transaction();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+	return edata;
+}
+
+/*
+ * Text that came from the wire (AE titles, UIDs, identifiers) as a text
+ * datum that is valid in the database encoding: if it is not, every byte
+ * outside printable ASCII becomes '?'.  AE titles and UIDs are ASCII by
+ * definition; a peer sending other bytes must not put invalid text into
+ * the catalog or the audit trail.
+ */
+Datum
+mdd_wire_text_datum(const char *s)
+{
+	size_t		len = strlen(s);
+	char	   *copy;
+
+	if (pg_verifymbstr(s, len, true))
+		return CStringGetTextDatum(s);
+	copy = pstrdup(s);
+	for (char *p = copy; *p; p++)
+		if ((unsigned char) *p < 0x20 || (unsigned char) *p > 0x7E)
+			*p = '?';
+	return CStringGetTextDatum(copy);
+}
+
+/* the DIMSE status answering a C-STORE whose archiving failed with this error */
+unsigned short
+mdd_store_failure_status(int sqlerrcode)
+{
+	if (sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		return 0x0111;			/* Duplicate SOP Instance */
+	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
+		sqlerrcode == ERRCODE_DISK_FULL)
+		return 0xA700;			/* Refused: Out of Resources */
+	if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_DATA_EXCEPTION ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
+		return 0xC000;			/* Error: Cannot Understand */
+	return 0x0110;				/* Processing Failure */
 }

@@ -55,5 +55,12 @@ extern void mdd_worker_begin_transaction(const char *activity);
 extern void mdd_worker_commit_transaction(void);
 extern char *mdd_worker_run_sql(const char *activity, const char *sql, int64 arg, bool has_arg,
 								ErrorData **error);
+extern ErrorData *mdd_worker_in_transaction(const char *activity, void (*work) (void *ctx),
+											void *ctx);
+extern Datum mdd_wire_text_datum(const char *s);
+extern unsigned short mdd_store_failure_status(int sqlerrcode);
+
+/* fetch_step.c: the network step of retrieve and move jobs */
+extern char *mdd_fetch_step(int64 job, ErrorData **error);
 
 #endif							/* MDD_WORKERS_H */

@@ -35,8 +35,10 @@ typedef enum MddDicomStatus
 	MDD_DICOM_INTERNAL,			/* anything else (a caught C++ exception) */
 	MDD_DICOM_INVALID,			/* readable, but a required attribute is
 								 * missing or has an impossible value */
-	MDD_DICOM_UNSUPPORTED		/* valid, but in a form mdd cannot use (for
+	MDD_DICOM_UNSUPPORTED,		/* valid, but in a form mdd cannot use (for
 								 * example compressed dose pixels) */
+	MDD_DICOM_REFUSED			/* the peer answered a request with a failure
+								 * status */
 } MddDicomStatus;
 
 /*
@@ -335,6 +337,155 @@ extern MddDicomStatus mdd_dicom_finder_query(MddDicomFinder *finder, const char 
 
 /* release the association (or abort it when release is 0) and free finder */
 extern void mdd_dicom_finder_close(MddDicomFinder *finder, int release);
+
+/* ---------------------------------------------------------------------
+ * Asking a node for objects (dicom_fetch.cpp), for the retrieve and move
+ * jobs: the instances it holds (C-FIND), then C-MOVE of them to an AE
+ * title or C-GET of them on the association
+ * ---------------------------------------------------------------------
+ */
+
+/* the node to ask, and the timeouts of the association */
+typedef struct MddFetchPeer
+{
+	const char *our_ae;
+	const char *peer_ae;
+	const char *host;
+	int			port;
+	int			acse_timeout;	/* seconds to connect and negotiate */
+	int			dimse_timeout;	/* seconds the peer may stay silent */
+} MddFetchPeer;
+
+/* how far a C-MOVE or C-GET has come, for the progress callback */
+typedef struct MddFetchProgress
+{
+	int			request;		/* index of the request being answered */
+	int			response;		/* 1: a pending response came with the
+								 * counts below; 0: a second went by */
+	int			remaining;		/* of the response; -1 when absent */
+	int			completed;
+	int			failed;
+	int			warning;
+} MddFetchProgress;
+
+/*
+ * Functions of the C side the fetch functions call.  Like those of
+ * MddDicomCallbacks, each catches its own errors and returns normally.
+ */
+typedef struct MddFetchCallbacks
+{
+	void	   *arg;
+
+	/* true when the work must stop at once (server stop, postmaster death) */
+	int			(*should_stop) (void *arg);
+
+	/*
+	 * Wait until fd is readable, a stop is requested or timeout_ms passed;
+	 * true when readable.
+	 */
+	int			(*wait_readable) (void *arg, int fd, int timeout_ms);
+
+	/*
+	 * The socket of the association as soon as it is connected, and -1
+	 * once it is closed: the C side shuts it down on a stop request, so
+	 * that no read inside DCMTK holds the stop up.
+	 */
+	void		(*socket) (void *arg, int fd);
+
+	/*
+	 * During a C-MOVE or C-GET: after each pending response, and each
+	 * second without one.  Negative: stop now (the job was cancelled);
+	 * positive: something arrived meanwhile, so a peer that is silent on
+	 * the association is still at work; 0 otherwise.
+	 */
+	int			(*progress) (void *arg, const MddFetchProgress *progress);
+
+	/*
+	 * C-GET: archive one object received on the association (a Part 10
+	 * file built around the data set exactly as received).  Returns the
+	 * DIMSE status to answer, with a comment for failures.
+	 */
+	unsigned short (*store) (void *arg, const unsigned char *data, size_t len,
+							 const char *sop_class_uid, const char *sop_instance_uid,
+							 char *comment, size_t comment_len);
+} MddFetchCallbacks;
+
+/* one instance a node holds */
+typedef struct MddRemoteInstance
+{
+	const char *series_instance_uid;
+	const char *sop_instance_uid;
+	const char *sop_class_uid;	/* "" when the node did not say */
+} MddRemoteInstance;
+
+/* the instances a node holds; release with mdd_dicom_free_instances */
+typedef struct MddRemoteInstances
+{
+	int			n;
+	MddRemoteInstance *items;
+	char	   *strings;		/* the text the items point into */
+} MddRemoteInstances;
+
+/*
+ * The instances of a study (of one series of it when series is not NULL,
+ * the one instance when sop is not NULL) that the node holds, by C-FIND in
+ * the Study Root model, hierarchically: at SERIES level for the series of
+ * the study (when series is NULL), then at IMAGE level in each series.
+ * MDD_DICOM_OK with *list filled; MDD_DICOM_NETWORK when the node cannot
+ * be reached, refuses the association or breaks it off; MDD_DICOM_REFUSED
+ * when it answered a C-FIND with a failure status (in *dimse_status).
+ */
+extern MddDicomStatus mdd_dicom_list_instances(const MddFetchPeer *peer,
+											   const MddFetchCallbacks *callbacks,
+											   const char *study, const char *series,
+											   const char *sop, MddRemoteInstances *list,
+											   unsigned short *dimse_status,
+											   char *errbuf, size_t errbuf_len);
+
+extern void mdd_dicom_free_instances(MddRemoteInstances *list);
+
+/* one C-MOVE or C-GET request, and what the node answered to it */
+typedef struct MddFetchRequest
+{
+	const char *level;			/* "STUDY", "SERIES" or "IMAGE" */
+	const char *study;
+	const char *series;			/* SERIES and IMAGE */
+	const char *sops;			/* IMAGE: a UID, or several separated by '\' */
+
+	/* the final response; answered stays 0 when none came */
+	int			answered;
+	unsigned short status;
+	int			remaining;		/* -1 when the response did not say */
+	int			completed;
+	int			failed;
+	int			warning;
+	char		comment[128];	/* Error Comment, or "" */
+	char	   *failed_uids;	/* Failed SOP Instance UID List ('\'
+								 * separated), malloc()ed, or NULL */
+} MddFetchRequest;
+
+/*
+ * One association with the node for the requests, made one after the
+ * other: C-MOVE to move_destination, or C-GET on the association when
+ * move_destination is NULL (proposing storage contexts for the SOP classes
+ * given, or for the usual classes of a radiotherapy department when none
+ * are given, in the SCP role).  MDD_DICOM_OK once every request was
+ * answered (each request's answer in it); MDD_DICOM_NETWORK when the node
+ * cannot be reached or refuses the association (no request answered), or
+ * when the association broke, timed out or was stopped by should_stop or
+ * progress (the requests answered before say so).  *associated tells
+ * whether the association was set up.  Release each request's failed_uids
+ * with mdd_dicom_free_fetch.
+ */
+extern MddDicomStatus mdd_dicom_fetch(const MddFetchPeer *peer,
+									  const MddFetchCallbacks *callbacks,
+									  const char *move_destination,
+									  const char *const *sop_classes, int nclasses,
+									  MddFetchRequest *requests, int nrequests,
+									  int *associated,
+									  char *errbuf, size_t errbuf_len);
+
+extern void mdd_dicom_free_fetch(MddFetchRequest *requests, int nrequests);
 
 /* ---------------------------------------------------------------------
  * RT Dose grids and RT Structure Set contours (dicom_rt.cpp), read for

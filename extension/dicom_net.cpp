@@ -43,9 +43,6 @@
 namespace
 {
 
-const char *const MDD_IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1379.1";
-const char *const MDD_IMPLEMENTATION_VERSION = "MDD_010";
-
 /*
  * The smallest maximum PDU length we accept from a peer: below this DCMTK
  * cannot send our answers (it needs room for a PDV header and data), so an
@@ -77,112 +74,6 @@ const char *acceptedTransferSyntaxes[] = {
 const int numberOfAcceptedTransferSyntaxes =
 	sizeof(acceptedTransferSyntaxes) / sizeof(acceptedTransferSyntaxes[0]);
 
-
-/* a DcmConsumer that keeps everything written to it in memory */
-class MemoryConsumer : public DcmConsumer
-{
-public:
-	OFBool good() const override { return true; }
-	OFCondition status() const override { return EC_Normal; }
-	OFBool isFlushed() const override { return true; }
-	offile_off_t avail() const override { return 1 << 30; }
-	offile_off_t write(const void *buf, offile_off_t buflen) override
-	{
-		const unsigned char *p = static_cast<const unsigned char *>(buf);
-
-		bytes.insert(bytes.end(), p, p + buflen);
-		return buflen;
-	}
-	void flush() override {}
-
-	std::vector<unsigned char> bytes;
-};
-
-/* the output stream DIMSE_receiveDataSetInFile writes the raw data set to */
-class MemoryOutputStream : public DcmOutputStream
-{
-public:
-	MemoryOutputStream() : DcmOutputStream(&consumer_) {}
-	std::vector<unsigned char> &bytes() { return consumer_.bytes; }
-
-private:
-	MemoryConsumer consumer_;
-};
-
-void
-put16(std::vector<unsigned char> &out, unsigned v)
-{
-	out.push_back(v & 0xFF);
-	out.push_back((v >> 8) & 0xFF);
-}
-
-void
-put32(std::vector<unsigned char> &out, unsigned long v)
-{
-	for (int i = 0; i < 4; i++)
-		out.push_back((v >> (8 * i)) & 0xFF);
-}
-
-/* one explicit VR little endian element of group 0002 with a short VR */
-void
-putMetaElement(std::vector<unsigned char> &out, unsigned element, const char *vr,
-			   const std::string &value, char pad)
-{
-	std::string v = value;
-
-	if (v.size() % 2)
-		v += pad;
-	put16(out, 0x0002);
-	put16(out, element);
-	out.push_back(vr[0]);
-	out.push_back(vr[1]);
-	put16(out, static_cast<unsigned>(v.size()));
-	out.insert(out.end(), v.begin(), v.end());
-}
-
-/*
- * A Part 10 file: preamble, "DICM", the file meta information group for
- * this object, then the data set bytes exactly as received.
- */
-std::vector<unsigned char>
-part10File(const std::vector<unsigned char> &dataset, const std::string &sopClass,
-		   const std::string &sopInstance, const std::string &transferSyntax,
-		   const std::string &sourceAE)
-{
-	std::vector<unsigned char> group;
-	std::vector<unsigned char> out(128, 0);
-
-	/* (0002,0001) OB 00\01: OB has the long form */
-	put16(group, 0x0002);
-	put16(group, 0x0001);
-	group.push_back('O');
-	group.push_back('B');
-	put16(group, 0);
-	put32(group, 2);
-	group.push_back(0);
-	group.push_back(1);
-	putMetaElement(group, 0x0002, "UI", sopClass, '\0');
-	putMetaElement(group, 0x0003, "UI", sopInstance, '\0');
-	putMetaElement(group, 0x0010, "UI", transferSyntax, '\0');
-	putMetaElement(group, 0x0012, "UI", MDD_IMPLEMENTATION_CLASS_UID, '\0');
-	putMetaElement(group, 0x0013, "SH", MDD_IMPLEMENTATION_VERSION, ' ');
-	if (!sourceAE.empty())
-		putMetaElement(group, 0x0016, "AE", sourceAE, ' ');
-
-	out.push_back('D');
-	out.push_back('I');
-	out.push_back('C');
-	out.push_back('M');
-	put16(out, 0x0002);
-	put16(out, 0x0000);
-	out.push_back('U');
-	out.push_back('L');
-	put16(out, 4);
-	put32(out, group.size());
-	out.insert(out.end(), group.begin(), group.end());
-	out.insert(out.end(), dataset.begin(), dataset.end());
-	return out;
-}
 
 std::string
 trimAE(const char *ae)
@@ -220,7 +111,7 @@ private:
 bool
 Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req)
 {
-	MemoryOutputStream stream;
+	MddMemoryOutputStream stream;
 	T_ASC_PresentationContextID dataPresID = presID;
 	T_ASC_PresentationContext pc;
 	T_DIMSE_C_StoreRSP rsp;
@@ -262,7 +153,7 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 	else
 	{
 		std::vector<unsigned char> file =
-			part10File(stream.bytes(), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+			mddPart10File(stream.bytes(), req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
 					   pc.acceptedTransferSyntax, sa_.callingAE);
 
 		stream.bytes().clear();

@@ -116,6 +116,15 @@ MddScuAssociation::~MddScuAssociation()
 		ASC_dropNetwork(&net_);
 }
 
+/* the connection is gone (or never came up): tell the observer */
+void
+MddScuAssociation::closed()
+{
+	if (fd_ >= 0 && observer_)
+		observer_(observerArg_, -1);
+	fd_ = -1;
+}
+
 bool
 MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 						const std::string &host, int port, int timeout,
@@ -156,7 +165,8 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 		for (size_t k = 0; k < n; k++)
 			syntaxes[k] = contexts[i].transferSyntaxes[k].c_str();
 		cond = ASC_addPresentationContext(params_, (T_ASC_PresentationContextID) (2 * i + 1),
-										  contexts[i].abstractSyntax.c_str(), syntaxes, (int) n);
+										  contexts[i].abstractSyntax.c_str(), syntaxes, (int) n,
+										  contexts[i].role);
 	}
 	if (cond.good())
 	{
@@ -178,6 +188,7 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 			error = "cannot associate with " + peerAE + " at " + address + ": " + cond.text();
 		if (assoc_)
 			ASC_destroyAssociation(&assoc_);
+		closed();
 		return false;
 	}
 	if (ASC_countAcceptedPresentationContexts(assoc_->params) == 0)
@@ -197,6 +208,7 @@ MddScuAssociation::release()
 	{
 		ASC_releaseAssociation(assoc_);
 		ASC_destroyAssociation(&assoc_);
+		closed();
 	}
 }
 
@@ -207,6 +219,7 @@ MddScuAssociation::abort()
 	{
 		ASC_abortAssociation(assoc_);
 		ASC_destroyAssociation(&assoc_);
+		closed();
 	}
 }
 

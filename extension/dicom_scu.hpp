@@ -24,9 +24,15 @@ struct MddProposedContext
 {
 	std::string abstractSyntax;
 	std::vector<std::string> transferSyntaxes;
+	/* ASC_SC_ROLE_SCP: we take the SCP role (a C-GET's storage contexts) */
+	T_ASC_SC_ROLE role = ASC_SC_ROLE_DEFAULT;
 };
 
-/* called with the socket of an association once its TCP connection is up */
+/*
+ * Called with the socket of an association's TCP connection as soon as it
+ * is up (before negotiation), and with -1 once it is closed, so that the
+ * caller can shut it down from a signal handler.
+ */
 typedef void (*MddSocketObserver) (void *arg, int fd);
 
 /* an association mdd requested; aborted on destruction unless released */
@@ -69,6 +75,8 @@ public:
 	int			socket() const { return fd_; }
 
 private:
+	void		closed();
+
 	T_ASC_Network *net_;
 	T_ASC_Parameters *params_;
 	T_ASC_Association *assoc_;

@@ -47,6 +47,51 @@ std::string mddIdentifierKeys(DcmDataset *ids, std::vector<DcmTagKey> *asked,
 /* a status detail with the comment, cut to the 64 characters of LO */
 void		mddPutErrorComment(DcmDataset &detail, const char *comment);
 
+/* a DcmConsumer that keeps everything written to it in memory */
+class MddMemoryConsumer : public DcmConsumer
+{
+public:
+	OFBool good() const override { return true; }
+	OFCondition status() const override { return EC_Normal; }
+	OFBool isFlushed() const override { return true; }
+	offile_off_t avail() const override { return 1 << 30; }
+	offile_off_t write(const void *buf, offile_off_t buflen) override
+	{
+		const unsigned char *p = static_cast<const unsigned char *>(buf);
+
+		bytes.insert(bytes.end(), p, p + buflen);
+		return buflen;
+	}
+	void flush() override {}
+
+	std::vector<unsigned char> bytes;
+};
+
+/*
+ * The output stream DIMSE_receiveDataSetInFile writes a received data set
+ * to: its bytes exactly as they arrived, kept in memory.
+ */
+class MddMemoryOutputStream : public DcmOutputStream
+{
+public:
+	MddMemoryOutputStream() : DcmOutputStream(&consumer_) {}
+	std::vector<unsigned char> &bytes() { return consumer_.bytes; }
+
+private:
+	MddMemoryConsumer consumer_;
+};
+
+/*
+ * A Part 10 file: preamble, "DICM", a file meta information group written
+ * by mdd for this object (Source AE Title when sourceAE is not empty), then
+ * the data set bytes exactly as received.
+ */
+std::vector<unsigned char> mddPart10File(const std::vector<unsigned char> &dataset,
+										 const std::string &sopClass,
+										 const std::string &sopInstance,
+										 const std::string &transferSyntax,
+										 const std::string &sourceAE);
+
 /*
  * Wait until a DIMSE message can be read on assoc or timeout seconds
  * passed; false on timeout or when the service must stop.  With the

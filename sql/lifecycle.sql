@@ -434,6 +434,7 @@ BEGIN
 		END IF;
 		RETURN mdd._rule_throttle(j, mdd._send_step(j));
 	END IF;
+	IF j.kind IN ('retrieve', 'move') THEN RETURN mdd._fetch_step(j); END IF;	-- sql/fetch.sql
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN

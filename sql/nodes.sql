@@ -10,6 +10,8 @@ CREATE TABLE mdd.node (
 	may_query		boolean NOT NULL DEFAULT true,
 	may_retrieve	boolean NOT NULL DEFAULT true,
 	may_send		boolean NOT NULL DEFAULT true,	-- mdd may send objects to it
+	retrieve_by		text NOT NULL DEFAULT 'move'	-- how mdd.retrieve asks it for objects
+					CHECK (retrieve_by IN ('move', 'get')),
 	options			jsonb NOT NULL DEFAULT '{}',
 	created_at		timestamptz NOT NULL DEFAULT now()
 );
@@ -23,7 +25,8 @@ CREATE INDEX ON mdd.node (ae_title);
 -- objects to it (mdd.send, C-MOVE destination); {"find": bool} (default
 -- true): whether mdd.find queries it (it needs a host and port), and
 -- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
--- take to answer.
+-- take to answer.  {"retrieve_by": "move" or
+-- "get"} (default "move"): how mdd.retrieve asks it for objects.
 CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
 							 options jsonb DEFAULT '{}')
 RETURNS void
@@ -57,11 +60,15 @@ BEGIN
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
 	FROM jsonb_object_keys(options) k
-	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout');
+	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
 			USING ERRCODE = '22023',
-				  HINT = 'Options are "store", "query", "retrieve", "send", "find" and "find_timeout".';
+				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout" and "retrieve_by".';
+	END IF;
+	IF options ? 'retrieve_by' AND coalesce(options->>'retrieve_by', '') NOT IN ('move', 'get') THEN
+		RAISE EXCEPTION 'invalid node option "retrieve_by"'
+			USING ERRCODE = '22023', HINT = 'It is "move" (C-MOVE to this archive) or "get" (C-GET).';
 	END IF;
 	PERFORM (options->>'find')::boolean;	-- 22P02 unless a boolean, as the others below
 	IF options ? 'find_timeout' AND (jsonb_typeof(options->'find_timeout') <> 'number'
@@ -70,12 +77,13 @@ BEGIN
 			USING ERRCODE = '22023', HINT = 'Give the seconds a C-FIND may take, a number from 0.001 to 86400.';
 	END IF;
 	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, may_send,
-						  options)
+						  retrieve_by, options)
 	VALUES (add_node.name, add_node.ae_title, nullif(add_node.host, ''), add_node.port,
 			coalesce((options->>'store')::boolean, true),
 			coalesce((options->>'query')::boolean, true),
 			coalesce((options->>'retrieve')::boolean, true),
 			coalesce((options->>'send')::boolean, true),
+			coalesce(options->>'retrieve_by', 'move'),
 			options);
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
@@ -85,7 +93,8 @@ $$;
 CREATE VIEW mdd.nodes AS
 SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at,
 	   host IS NOT NULL AND port IS NOT NULL AND coalesce((options->>'find')::boolean, true) AS may_find,
-	   make_interval(secs => (options->>'find_timeout')::double precision) AS find_timeout
+	   make_interval(secs => (options->>'find_timeout')::double precision) AS find_timeout,
+	   retrieve_by
 FROM mdd.node;
 
 CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text

@@ -33,7 +33,8 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 	mdd.archive(bigint[], text, boolean), mdd.restore(bigint[], boolean),
 	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text),
 	mdd.preview_rule(text, boolean), mdd.run_rule(text, boolean),
-	mdd.send(bigint[], text, boolean) TO mdd_operator;
+	mdd.send(bigint[], text, boolean), mdd.retrieve(text, text, text, text),
+	mdd.move(text, text, text, text, text) TO mdd_operator;
 
 -- administrators: storages, the audit trail, the catalog tables for reports
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
@@ -41,4 +42,4 @@ GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_st
 	mdd.create_rule(text, text, text, text, text, time, time, integer, boolean, text),
 	mdd.drop_rule(text) TO mdd_admin;
 GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
-	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item, mdd.rule TO mdd_admin;
+	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item, mdd.job_instance, mdd.rule TO mdd_admin;

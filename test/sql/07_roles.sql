@@ -19,6 +19,7 @@ INSERT INTO expected_role VALUES
 	('store', 'mdd_operator'), ('store_file', 'mdd_operator'), ('import', 'mdd_operator'),
 	('store_document', 'mdd_operator'), ('export', 'mdd_operator'), ('echo', 'mdd_operator'),
 	('archive', 'mdd_operator'), ('restore', 'mdd_operator'), ('send', 'mdd_operator'),
+	('retrieve', 'mdd_operator'), ('move', 'mdd_operator'),
 	('wait', 'mdd_operator'), ('cancel', 'mdd_operator'), ('verify', 'mdd_operator'),
 	('preview_rule', 'mdd_operator'), ('run_rule', 'mdd_operator'),
 	('add_storage', 'mdd_admin'), ('alter_storage', 'mdd_admin'), ('add_node', 'mdd_admin'),
