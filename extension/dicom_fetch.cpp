@@ -353,14 +353,7 @@ Session::receiveStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &req
 			" broke off while receiving the data set: " + cond.text();
 		return false;
 	}
-	memset(&rsp, 0, sizeof(rsp));
-	rsp.MessageIDBeingRespondedTo = req.MessageID;
-	rsp.DataSetType = DIMSE_DATASET_NULL;
-	OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
-						sizeof(rsp.AffectedSOPClassUID));
-	OFStandard::strlcpy(rsp.AffectedSOPInstanceUID, req.AffectedSOPInstanceUID,
-						sizeof(rsp.AffectedSOPInstanceUID));
-	rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
+	rsp = mddStoreResponse(req);
 	if (dataPresID != presID ||
 		ASC_findAcceptedPresentationContext(assoc()->params, dataPresID, &pc).bad())
 	{

@@ -430,17 +430,5 @@ mdd_dicom_finder_query(MddDicomFinder *f, const char *level, int nkeys,
 extern "C" void
 mdd_dicom_finder_close(MddDicomFinder *finder, int release)
 {
-	if (finder == NULL)
-		return;
-	try
-	{
-		if (release && !finder->broken)
-			finder->association.release();
-		/* the destructor aborts an association not released */
-		delete finder;
-	}
-	catch (...)
-	{
-		/* nothing more can be done: the socket closes with the process */
-	}
+	mddCloseHandle(finder, release);
 }

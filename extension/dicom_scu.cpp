@@ -223,6 +223,22 @@ MddScuAssociation::abort()
 	}
 }
 
+T_DIMSE_C_StoreRSP
+mddStoreResponse(const T_DIMSE_C_StoreRQ &req)
+{
+	T_DIMSE_C_StoreRSP rsp;
+
+	memset(&rsp, 0, sizeof(rsp));
+	rsp.MessageIDBeingRespondedTo = req.MessageID;
+	rsp.DataSetType = DIMSE_DATASET_NULL;
+	OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
+						sizeof(rsp.AffectedSOPClassUID));
+	OFStandard::strlcpy(rsp.AffectedSOPInstanceUID, req.AffectedSOPInstanceUID,
+						sizeof(rsp.AffectedSOPInstanceUID));
+	rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
+	return rsp;
+}
+
 /* ---------------------------------------------------------------------
  * C-ECHO
  * ---------------------------------------------------------------------

@@ -89,6 +89,33 @@ private:
 	friend class MddObservedTransportLayer;
 };
 
+/*
+ * Close a handle the C side owns that holds an association (members
+ * association and broken): release the association unless asked to abort
+ * it or it broke, and free the handle.  Never throws.
+ */
+template <typename Handle>
+void
+mddCloseHandle(Handle *handle, int release)
+{
+	if (handle == NULL)
+		return;
+	try
+	{
+		if (release && !handle->broken)
+			handle->association.release();
+		/* the destructor aborts an association not released */
+		delete handle;
+	}
+	catch (...)
+	{
+		/* nothing more can be done: the socket closes with the process */
+	}
+}
+
+/* the C-STORE response to a request: its message, SOP class and instance */
+T_DIMSE_C_StoreRSP mddStoreResponse(const T_DIMSE_C_StoreRQ &req);
+
 /* the transfer syntaxes a receiver of uncompressed data always understands */
 extern const char *const mddUncompressedTransferSyntaxes[3];
 bool		mddIsUncompressed(const std::string &transferSyntax);

@@ -124,17 +124,5 @@ mdd_dicom_sender_store(MddDicomSender *sender, const unsigned char *data, size_t
 extern "C" void
 mdd_dicom_sender_close(MddDicomSender *sender, int release)
 {
-	if (sender == NULL)
-		return;
-	try
-	{
-		if (release && !sender->broken)
-			sender->association.release();
-		/* the destructor aborts an association not released */
-		delete sender;
-	}
-	catch (...)
-	{
-		/* nothing more can be done: the socket closes with the process */
-	}
+	mddCloseHandle(sender, release);
 }
