@@ -199,6 +199,28 @@ BEGIN
 END;
 $$;
 
+-- The end of a job whose items all came to their end: 'failed' when any
+-- did (error names the first), else 'done'; audited as '<kind> done' or
+-- '<kind> failed' with what (say, '12 objects to storage vault, 0 failed').
+CREATE FUNCTION mdd._job_end(j mdd.job, what text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	first_error text;
+BEGIN
+	SELECT i.error INTO first_error FROM mdd.job_item i
+	WHERE i.job = j.id AND i.state = 'failed' ORDER BY i.object LIMIT 1;
+	UPDATE mdd.job x
+	SET state = CASE WHEN x.failed > 0 THEN 'failed' ELSE 'done' END,
+		finished_at = now(), next_attempt_at = NULL, attempts = 0,
+		error = CASE WHEN x.failed > 0
+					 THEN format('%s of %s objects failed; the first: %s', x.failed, x.total, first_error) END
+	WHERE x.id = j.id;
+	PERFORM mdd._audit(j.kind || CASE WHEN j.failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
+					   format('job %s: %s', j.id, what), j.client);
+END;
+$$;
+
 -- A step of a job failed: transient failures of a running job are retried,
 -- other failures fail it; undoing a cancelled or failed job is retried.
 CREATE FUNCTION mdd._job_error(job bigint, sqlstate text, message text) RETURNS void

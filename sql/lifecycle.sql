@@ -410,7 +410,6 @@ AS $$
 DECLARE
 	j mdd.job;
 	target mdd.storage;
-	first_error text;
 BEGIN
 	-- a fair lock first: mdd.cancel waiting for this job gets it before
 	-- the next step does (waiters of a row lock are passed over by a new
@@ -472,17 +471,7 @@ BEGIN
 		RETURN 'more';
 	END IF;
 
-	SELECT i.error INTO first_error FROM mdd.job_item i
-	WHERE i.job = j.id AND i.state = 'failed' ORDER BY i.object LIMIT 1;
-	UPDATE mdd.job x
-	SET state = CASE WHEN x.failed > 0 THEN 'failed' ELSE 'done' END,
-		finished_at = now(), next_attempt_at = NULL,
-		error = CASE WHEN x.failed > 0
-					 THEN format('%s of %s objects failed; the first: %s', x.failed, x.total, first_error) END
-	WHERE x.id = j.id;
-	PERFORM mdd._audit(j.kind || CASE WHEN j.failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
-					   format('job %s: %s objects to storage %s, %s failed', j.id, j.done,
-							  target.name, j.failed), j.client);
+	PERFORM mdd._job_end(j, format('%s objects to storage %s, %s failed', j.done, target.name, j.failed));
 	RETURN 'finished';
 END;
 $$;

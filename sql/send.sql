@@ -137,7 +137,6 @@ DECLARE
 	failures int := 0;
 	written bigint := 0;
 	broken text;
-	first_error text;
 BEGIN
 	IF j.state NOT IN ('queued', 'running') THEN
 		-- cancelled or failed: nothing is half done between steps
@@ -173,17 +172,7 @@ BEGIN
 
 	IF cardinality(ids) = 0 THEN
 		-- every object sent or failed: the job ends
-		SELECT i.error INTO first_error FROM mdd.job_item i
-		WHERE i.job = j.id AND i.state = 'failed' ORDER BY i.object LIMIT 1;
-		UPDATE mdd.job x
-		SET state = CASE WHEN x.failed > 0 THEN 'failed' ELSE 'done' END,
-			finished_at = now(), next_attempt_at = NULL, attempts = 0,
-			error = CASE WHEN x.failed > 0
-						 THEN format('%s of %s objects failed; the first: %s', x.failed, x.total, first_error) END
-		WHERE x.id = j.id;
-		PERFORM mdd._audit('send' || CASE WHEN j.failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
-						   format('job %s: %s objects sent to node %s, %s failed', j.id, j.done,
-								  n.name, j.failed), j.client);
+		PERFORM mdd._job_end(j, format('%s objects sent to node %s, %s failed', j.done, n.name, j.failed));
 		RETURN 'finished';
 	END IF;
 
