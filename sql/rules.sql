@@ -107,25 +107,6 @@ BEGIN
 END;
 $$;
 
--- For a step of a rule's job: NULL when it may take a new batch now, else
--- when the rule's window opens.
-CREATE FUNCTION mdd._rule_window_wait(j mdd.job) RETURNS timestamptz
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	r mdd.rule;
-BEGIN
-	IF j.rule IS NULL OR coalesce((j.options->>'ignore_window')::boolean, false) THEN
-		RETURN NULL;
-	END IF;
-	SELECT * INTO r FROM mdd.rule x WHERE x.id = j.rule;
-	IF NOT FOUND OR mdd._in_window(r.window_start, r.window_end, now()) THEN
-		RETURN NULL;
-	END IF;
-	RETURN mdd._window_opens(r.window_start, r.window_end, now());
-END;
-$$;
-
 -- For a step of a rule's job that moved or sent objects: keep rule work
 -- within mdd.rule_bandwidth.  'wait' (the job waits until the cap allows
 -- its next step) or the step's own result.
@@ -148,13 +129,21 @@ END;
 $$;
 
 -- For a step of a rule's job about to take a new batch: 'wait' when the
--- rule's window is closed (the job waits until it opens), else NULL.
+-- rule's window is closed (the job waits until it opens; a run started with
+-- ignore_window never waits), else NULL.
 CREATE FUNCTION mdd._rule_window_closed(j mdd.job) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	opens timestamptz := mdd._rule_window_wait(j);
+	r mdd.rule;
+	opens timestamptz;
 BEGIN
+	IF j.rule IS NOT NULL AND NOT coalesce((j.options->>'ignore_window')::boolean, false) THEN
+		SELECT * INTO r FROM mdd.rule x WHERE x.id = j.rule;
+		IF FOUND AND NOT mdd._in_window(r.window_start, r.window_end, now()) THEN
+			opens := mdd._window_opens(r.window_start, r.window_end, now());
+		END IF;
+	END IF;
 	IF opens IS NULL THEN
 		UPDATE mdd.job x SET error = NULL WHERE x.id = j.id AND x.error LIKE 'waiting for the window %';
 		RETURN NULL;
