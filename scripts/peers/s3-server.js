@@ -14,7 +14,12 @@
 //  - Content-MD5 checked against the body of a PUT (BadDigest, 400); with
 //    MDD_S3_REQUIRE_CONTENT_MD5=1 a PUT without it is refused (InvalidRequest).
 //
-// A PUT whose body fails a check stores nothing.  The signature code
+// A PUT whose body fails a check stores nothing.  s3rver 3.7.1 answers a
+// PUT before its file is completely written (it resolves when its md5
+// transform ends, not when the write stream has flushed), so a GET right
+// after could read a short object; the store's putObject is replaced here
+// by one that answers only once the bytes are written and fsync()ed, as a
+// real S3 only confirms what it will serve.  The signature code
 // follows AWS's specification and checks itself at start-up against the
 // worked example of the S3 documentation ("GET Object").
 //
@@ -225,6 +230,36 @@ function strictChecks(keys) {
   };
 }
 
+// the whole content of an S3Object (a Buffer or a readable stream)
+async function contentBytes(content) {
+  if (Buffer.isBuffer(content)) return content;
+  const chunks = [];
+  for await (const chunk of content) chunks.push(chunk);
+  return Buffer.concat(chunks);
+}
+
+// putObject that resolves only after the object's file is durable
+function durablePut(store) {
+  const fsp = require('fs').promises;
+  store.putObject = async function putObject(object) {
+    const file = this.getResourcePath(object.bucket, object.key, 'object');
+    const bytes = await contentBytes(object.content);
+    const md5 = crypto.createHash('md5').update(bytes).digest('hex');
+    await fsp.mkdir(path.dirname(file), { recursive: true });
+    const partial = `${file}.partial-${process.pid}`;
+    const handle = await fsp.open(partial, 'w');
+    try {
+      await handle.writeFile(bytes);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await fsp.rename(partial, file);
+    await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+    return { size: bytes.length, md5 };
+  };
+}
+
 async function main() {
   selfTest();
   if (process.argv.includes('--self-test')) {
@@ -251,6 +286,7 @@ async function main() {
     silent: false,
     configureBuckets: buckets.map(name => ({ name, configs: [] })),
   });
+  durablePut(server.store);
   // after s3rver's request logger, before everything else it does
   server.middleware.splice(1, 0, strictChecks(keys));
   const { address, port } = await server.run();
