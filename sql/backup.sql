@@ -13,7 +13,7 @@ BEGIN
 	-- one call a statement: each updates the extension's row
 	FOR rel IN SELECT format('mdd.%I', t)::regclass
 			   FROM unnest(ARRAY['patient', 'study', 'series', 'object', 'reference', 'copy', 'node',
-								 'job', 'job_item', 'job_instance', 'rule', 'audit']) t
+								 'job', 'job_item', 'job_instance', 'rule', 'delivered', 'audit']) t
 	LOOP
 		PERFORM pg_catalog.pg_extension_config_dump(rel, '');
 	END LOOP;

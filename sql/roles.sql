@@ -40,6 +40,6 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
 	mdd.add_node(text, text, text, integer, jsonb),
 	mdd.create_rule(text, text, text, text, text, time, time, integer, boolean, text),
-	mdd.drop_rule(text) TO mdd_admin;
+	mdd.drop_rule(text), mdd.purge_jobs(interval) TO mdd_admin;
 GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
-	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item, mdd.job_instance, mdd.rule TO mdd_admin;
+	mdd.reference, mdd.copy, mdd.node, mdd.job, mdd.job_item, mdd.job_instance, mdd.rule, mdd.delivered TO mdd_admin;

@@ -31,6 +31,9 @@ CREATE TABLE mdd.rule (
 	last_job		bigint,
 	last_error		text,			-- why the scheduler could not start the last run
 	last_error_at	timestamptz,
+	-- what the runs whose jobs mdd.purge_jobs removed had moved
+	purged_objects	bigint NOT NULL DEFAULT 0,
+	purged_bytes	bigint NOT NULL DEFAULT 0,
 	CHECK ((window_start IS NULL) = (window_end IS NULL)),
 	CHECK (action <> 'archive' OR storage IS NOT NULL),
 	CHECK ((action = 'send') = (node IS NOT NULL))
@@ -59,7 +62,7 @@ $$;
 
 -- The objects a rule selects now: its predicate, as its owner, within its
 -- action's scope; for a send rule, less what send jobs already delivered
--- to its node.
+-- to its node (their done items, or mdd.delivered once they are purged).
 CREATE FUNCTION mdd._rule_objects(r mdd.rule) RETURNS bigint[]
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -69,7 +72,9 @@ BEGIN
 	IF r.action = 'send' AND cardinality(ids) > 0 THEN
 		SELECT coalesce(array_agg(x ORDER BY x), '{}') INTO ids FROM unnest(ids) x
 		WHERE NOT EXISTS (SELECT 1 FROM mdd.job_item i JOIN mdd.job j ON j.id = i.job
-						  WHERE i.object = x AND i.state = 'done' AND j.kind = 'send' AND j.node = r.node);
+						  WHERE i.object = x AND i.state = 'done' AND j.kind = 'send' AND j.node = r.node)
+		  AND NOT EXISTS (SELECT 1 FROM mdd.delivered d	-- of purged jobs (sql/retention.sql)
+						  WHERE d.node = r.node AND d.object = x);
 	END IF;
 	RETURN ids;
 END;
@@ -405,8 +410,8 @@ SELECT r.name,
 	   lj.done AS last_objects,
 	   lj.bytes AS last_bytes,
 	   r.next_run_at AS next_run,
-	   coalesce(t.objects, 0) AS objects,
-	   coalesce(t.bytes, 0) AS bytes,
+	   coalesce(t.objects, 0) + r.purged_objects AS objects,
+	   coalesce(t.bytes, 0) + r.purged_bytes AS bytes,
 	   coalesce(r.last_error, lj.error) AS last_error
 FROM mdd.rule r
 LEFT JOIN mdd.storage s ON s.id = r.storage

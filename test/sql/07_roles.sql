@@ -23,7 +23,7 @@ INSERT INTO expected_role VALUES
 	('wait', 'mdd_operator'), ('cancel', 'mdd_operator'), ('verify', 'mdd_operator'),
 	('preview_rule', 'mdd_operator'), ('run_rule', 'mdd_operator'),
 	('add_storage', 'mdd_admin'), ('alter_storage', 'mdd_admin'), ('add_node', 'mdd_admin'),
-	('create_rule', 'mdd_admin'), ('drop_rule', 'mdd_admin');
+	('create_rule', 'mdd_admin'), ('drop_rule', 'mdd_admin'), ('purge_jobs', 'mdd_admin');
 
 CREATE TEMP VIEW interface AS
 SELECT p.oid, p.proname::text AS function FROM pg_proc p
