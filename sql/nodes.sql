@@ -27,13 +27,15 @@ CREATE INDEX ON mdd.node (ae_title);
 -- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
 -- take to answer.  {"retrieve_by": "move" or
 -- "get"} (default "move"): how mdd.retrieve asks it for objects.
-CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
-							 options jsonb DEFAULT '{}')
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The row of a node as add_node and alter_node give it: every argument
+-- checked (22004, 22023, 22P02), the permissions derived from the options.
+CREATE FUNCTION mdd._node_row(name text, ae_title text, host text, port integer, options jsonb)
+RETURNS mdd.node
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	bad text;
+	n mdd.node;
 BEGIN
 	IF name IS NULL OR ae_title IS NULL THEN
 		RAISE EXCEPTION 'node name and AE title must not be NULL' USING ERRCODE = '22004';
@@ -76,17 +78,105 @@ BEGIN
 		RAISE EXCEPTION 'invalid node option "find_timeout": %', options->'find_timeout'
 			USING ERRCODE = '22023', HINT = 'Give the seconds a C-FIND may take, a number from 0.001 to 86400.';
 	END IF;
+	n.name := name;
+	n.ae_title := ae_title;
+	n.host := nullif(host, '');
+	n.port := port;
+	n.may_store := coalesce((options->>'store')::boolean, true);
+	n.may_query := coalesce((options->>'query')::boolean, true);
+	n.may_retrieve := coalesce((options->>'retrieve')::boolean, true);
+	n.may_send := coalesce((options->>'send')::boolean, true);
+	n.retrieve_by := coalesce(options->>'retrieve_by', 'move');
+	n.options := options;
+	RETURN n;
+END;
+$$;
+
+CREATE FUNCTION mdd.add_node(name text, ae_title text, host text, port integer,
+							 options jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n mdd.node := mdd._node_row(name, ae_title, host, port, options);
+BEGIN
 	INSERT INTO mdd.node (name, ae_title, host, port, may_store, may_query, may_retrieve, may_send,
 						  retrieve_by, options)
-	VALUES (add_node.name, add_node.ae_title, nullif(add_node.host, ''), add_node.port,
-			coalesce((options->>'store')::boolean, true),
-			coalesce((options->>'query')::boolean, true),
-			coalesce((options->>'retrieve')::boolean, true),
-			coalesce((options->>'send')::boolean, true),
-			coalesce(options->>'retrieve_by', 'move'),
-			options);
+	VALUES (n.name, n.ae_title, n.host, n.port, n.may_store, n.may_query, n.may_retrieve, n.may_send,
+			n.retrieve_by, n.options);
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
+END;
+$$;
+
+-- mdd.alter_node: change where a node is or what it may do.  Arguments left
+-- NULL keep their value; host '' removes the host; options are merged into
+-- the node's options, a key given as JSON null going back to its default.
+-- Associations already open keep what they were admitted with.
+CREATE FUNCTION mdd.alter_node(name text, ae_title text DEFAULT NULL, host text DEFAULT NULL,
+							   port integer DEFAULT NULL, options jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	old mdd.node;
+	n mdd.node;
+BEGIN
+	SELECT * INTO old FROM mdd.node x WHERE x.name = alter_node.name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(alter_node.name, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
+	END IF;
+	IF options IS NOT NULL AND jsonb_typeof(options) <> 'object' THEN
+		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
+	END IF;
+	n := mdd._node_row(old.name, coalesce(alter_node.ae_title, old.ae_title),
+					   CASE WHEN alter_node.host IS NULL THEN old.host ELSE alter_node.host END,
+					   coalesce(alter_node.port, old.port),
+					   jsonb_strip_nulls(old.options || coalesce(options, '{}')));
+	UPDATE mdd.node x SET ae_title = n.ae_title, host = n.host, port = n.port,
+		   may_store = n.may_store, may_query = n.may_query, may_retrieve = n.may_retrieve,
+		   may_send = n.may_send, retrieve_by = n.retrieve_by, options = n.options
+	WHERE x.id = old.id;
+	PERFORM mdd._audit('alter node', NULL, NULL,
+					   format('%s: %s', old.name,
+							  (SELECT string_agg(format('%s %s -> %s', k, o, v), ', ' ORDER BY k)
+							   FROM jsonb_each(to_jsonb(n)) e(k, v)
+							   JOIN jsonb_each(to_jsonb(old)) f(k2, o) ON f.k2 = e.k
+							   WHERE e.k NOT IN ('id', 'created_at') AND o IS DISTINCT FROM v)));
+END;
+$$;
+
+-- mdd.drop_node: forget a node no job or rule refers to.  What send jobs
+-- delivered to it (mdd.delivered) goes with it.
+CREATE FUNCTION mdd.drop_node(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n mdd.node;
+	users text;
+BEGIN
+	SELECT * INTO n FROM mdd.node x WHERE x.name = drop_node.name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(drop_node.name, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
+	END IF;
+	SELECT string_agg(format('rule "%s"', r.name), ', ' ORDER BY r.name) INTO users
+	FROM mdd.rule r WHERE r.node = n.id;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'node "%" is used by %', n.name, users
+			USING ERRCODE = '2BP01', HINT = 'Drop those rules first (mdd.drop_rule).';
+	END IF;
+	SELECT string_agg(format('job %s (%s)', j.id, j.state), ', ' ORDER BY j.id) INTO users
+	FROM mdd.job j WHERE j.node = n.id OR j.destination = n.id;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'node "%" is used by %', n.name, users
+			USING ERRCODE = '2BP01',
+				  HINT = 'Wait for or cancel the jobs that run (mdd.cancel), then remove ended ones with mdd.purge_jobs.';
+	END IF;
+	DELETE FROM mdd.delivered d WHERE d.node = n.id;
+	DELETE FROM mdd.node x WHERE x.id = n.id;
+	PERFORM mdd._audit('drop node', NULL, NULL, format('%s (%s at %s:%s)', n.name, n.ae_title, n.host, n.port));
 END;
 $$;
 

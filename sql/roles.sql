@@ -38,7 +38,8 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 
 -- administrators: storages, the audit trail, the catalog tables for reports
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
-	mdd.add_node(text, text, text, integer, jsonb),
+	mdd.add_node(text, text, text, integer, jsonb), mdd.alter_node(text, text, text, integer, jsonb),
+	mdd.drop_node(text),
 	mdd.create_rule(text, text, text, text, text, time, time, integer, boolean, text),
 	mdd.drop_rule(text), mdd.purge_jobs(interval) TO mdd_admin;
 GRANT SELECT ON mdd.audit_log, mdd.patient, mdd.study, mdd.series, mdd.object,
