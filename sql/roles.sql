@@ -38,6 +38,7 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 
 -- administrators: storages, the audit trail, the catalog tables for reports
 GRANT EXECUTE ON FUNCTION mdd.add_storage(text, text, text, jsonb), mdd.alter_storage(text, jsonb),
+	mdd.drop_storage(text),
 	mdd.add_node(text, text, text, integer, jsonb), mdd.alter_node(text, text, text, integer, jsonb),
 	mdd.drop_node(text),
 	mdd.create_rule(text, text, text, text, text, time, time, integer, boolean, text),

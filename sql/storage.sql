@@ -351,6 +351,52 @@ BEGIN
 END;
 $$;
 
+-- mdd.drop_storage: forget a storage that holds no copy and that no job,
+-- rule or setting names.  Its blobs, if any were left behind mdd's back,
+-- are not touched.
+CREATE FUNCTION mdd.drop_storage(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s mdd.storage;
+	users text;
+	copies bigint;
+BEGIN
+	SELECT * INTO s FROM mdd.storage x WHERE x.name = drop_storage.name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'storage "%" does not exist', coalesce(drop_storage.name, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.storages.';
+	END IF;
+	IF s.name = 'online' THEN
+		RAISE EXCEPTION 'storage "online" cannot be dropped'
+			USING ERRCODE = '55000', DETAIL = 'It is where new objects go when nothing else is said.';
+	END IF;
+	SELECT string_agg(g, ', ') INTO users
+	FROM unnest(ARRAY['mdd.default_storage', 'mdd.archive_storage']) g
+	WHERE current_setting(g, true) = s.name;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'storage "%" is named by setting %', s.name, users
+			USING ERRCODE = '55000', HINT = 'Change the setting first.';
+	END IF;
+	SELECT count(*) INTO copies FROM mdd.copy c WHERE c.storage = s.id;
+	IF copies > 0 THEN
+		RAISE EXCEPTION 'storage "%" holds % copies', s.name, copies
+			USING ERRCODE = '2BP01', HINT = 'Move its objects elsewhere first (mdd.archive, mdd.restore).';
+	END IF;
+	SELECT string_agg(u, ', ') INTO users
+	FROM (SELECT format('rule "%s"', r.name) AS u FROM mdd.rule r WHERE r.storage = s.id
+		  UNION ALL
+		  SELECT format('job %s (%s)', j.id, j.state) FROM mdd.job j WHERE j.storage = s.id) x;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'storage "%" is used by %', s.name, users
+			USING ERRCODE = '2BP01',
+				  HINT = 'Drop those rules; remove ended jobs with mdd.purge_jobs.';
+	END IF;
+	DELETE FROM mdd.storage x WHERE x.id = s.id;
+	PERFORM mdd._audit('drop storage', NULL, NULL, format('%s (%s, %s)', s.name, s.kind, s.tier));
+END;
+$$;
+
 -- the storage that receives new objects (setting mdd.default_storage)
 CREATE FUNCTION mdd._default_storage() RETURNS mdd.storage
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

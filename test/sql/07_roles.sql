@@ -22,7 +22,7 @@ INSERT INTO expected_role VALUES
 	('retrieve', 'mdd_operator'), ('move', 'mdd_operator'),
 	('wait', 'mdd_operator'), ('cancel', 'mdd_operator'), ('verify', 'mdd_operator'),
 	('preview_rule', 'mdd_operator'), ('run_rule', 'mdd_operator'),
-	('add_storage', 'mdd_admin'), ('alter_storage', 'mdd_admin'), ('add_node', 'mdd_admin'), ('alter_node', 'mdd_admin'), ('drop_node', 'mdd_admin'),
+	('add_storage', 'mdd_admin'), ('alter_storage', 'mdd_admin'), ('drop_storage', 'mdd_admin'), ('add_node', 'mdd_admin'), ('alter_node', 'mdd_admin'), ('drop_node', 'mdd_admin'),
 	('create_rule', 'mdd_admin'), ('drop_rule', 'mdd_admin'), ('purge_jobs', 'mdd_admin');
 
 CREATE TEMP VIEW interface AS
