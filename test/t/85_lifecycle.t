@@ -193,7 +193,11 @@ job = query_value(conn, "SELECT mdd.archive(%s, 'archive85', include_related => 
 execute(conn, "SELECT mdd.cancel(%s)", (job,))
 state = wait(job)
 ok(state in ("cancelled", "done"), "a cancelled job ends cancelled (or done, when it was quicker)", f"    {state}")
-time.sleep(0.5)
+# a cancelled job has finished_at once the copies it began are undone
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and job_row(job)["finished_at"] is None:
+    time.sleep(0.05)
+ok(job_row(job)["finished_at"] is not None, "the cancelled job has finished undoing", str(job_row(job)))
 ok(query_value(conn, "SELECT count(*) FROM mdd.copy WHERE state <> 'present'") == 0,
    "after the cancel no copy is left writing or releasing")
 is_(all_readable(small), [], "every object of the cancelled job reads back")
