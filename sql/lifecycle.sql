@@ -59,11 +59,7 @@ BEGIN
 		END IF;
 		SELECT * INTO s FROM mdd.storage x WHERE x.tier = 'archive';
 	ELSE
-		SELECT * INTO s FROM mdd.storage x WHERE x.name = wanted;
-		IF NOT FOUND THEN
-			RAISE EXCEPTION 'storage "%" does not exist', wanted
-				USING ERRCODE = '42704', HINT = 'See mdd.storages.';
-		END IF;
+		s := mdd._storage(wanted);
 		IF s.tier <> 'archive' THEN
 			RAISE EXCEPTION 'storage "%" is not an archive-tier storage', wanted
 				USING ERRCODE = '22023';
@@ -518,11 +514,7 @@ DECLARE
 	checked int := 0;
 	bad int := 0;
 BEGIN
-	SELECT * INTO s FROM mdd.storage x WHERE x.name = verify.storage;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'storage "%" does not exist', coalesce(verify.storage, 'NULL')
-			USING ERRCODE = '42704', HINT = 'See mdd.storages.';
-	END IF;
+	s := mdd._storage(verify.storage);
 	FOR c IN SELECT cp.object, cp.locator, o.size, o.sha256, o.sop_instance_uid
 			 FROM mdd.copy cp JOIN mdd.object o ON o.id = cp.object
 			 WHERE cp.storage = s.id AND cp.state = 'present' ORDER BY cp.object

@@ -27,6 +27,22 @@ CREATE INDEX ON mdd.node (ae_title);
 -- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
 -- take to answer.  {"retrieve_by": "move" or
 -- "get"} (default "move"): how mdd.retrieve asks it for objects.
+-- A node by name; 42704 when there is none.
+CREATE FUNCTION mdd._node(name text) RETURNS mdd.node
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	n mdd.node;
+BEGIN
+	SELECT * INTO n FROM mdd.node x WHERE x.name = _node.name;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'node "%" does not exist', coalesce(_node.name, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
+	END IF;
+	RETURN n;
+END;
+$$;
+
 -- The row of a node as add_node and alter_node give it: every argument
 -- checked (22004, 22023, 22P02), the permissions derived from the options.
 CREATE FUNCTION mdd._node_row(name text, ae_title text, host text, port integer, options jsonb)
@@ -119,14 +135,9 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	old mdd.node;
+	old mdd.node := mdd._node(name);
 	n mdd.node;
 BEGIN
-	SELECT * INTO old FROM mdd.node x WHERE x.name = alter_node.name FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'node "%" does not exist', coalesce(alter_node.name, 'NULL')
-			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
-	END IF;
 	IF options IS NOT NULL AND jsonb_typeof(options) <> 'object' THEN
 		RAISE EXCEPTION 'node options must be a JSON object' USING ERRCODE = '22023';
 	END IF;
@@ -148,19 +159,15 @@ END;
 $$;
 
 -- mdd.drop_node: forget a node no job or rule refers to.  What send jobs
--- delivered to it (mdd.delivered) goes with it.
+-- delivered to it (mdd.delivered) goes with it.  A job or rule made for
+-- it meanwhile makes the delete fail on its foreign key.
 CREATE FUNCTION mdd.drop_node(name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	n mdd.node;
+	n mdd.node := mdd._node(name);
 	users text;
 BEGIN
-	SELECT * INTO n FROM mdd.node x WHERE x.name = drop_node.name FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'node "%" does not exist', coalesce(drop_node.name, 'NULL')
-			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
-	END IF;
 	SELECT string_agg(format('rule "%s"', r.name), ', ' ORDER BY r.name) INTO users
 	FROM mdd.rule r WHERE r.node = n.id;
 	IF users IS NOT NULL THEN
@@ -194,14 +201,9 @@ CREATE FUNCTION mdd.echo(node text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	n mdd.node;
+	n mdd.node := mdd._node(node);
 	failure text;
 BEGIN
-	SELECT * INTO n FROM mdd.node x WHERE x.name = echo.node;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'node "%" does not exist', coalesce(echo.node, '')
-			USING ERRCODE = '42704', HINT = 'See mdd.nodes.';
-	END IF;
 	IF n.host IS NULL OR n.port IS NULL THEN
 		RAISE EXCEPTION 'node "%" has no host and port to call', n.name USING ERRCODE = '22023';
 	END IF;

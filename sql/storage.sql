@@ -313,6 +313,22 @@ EXCEPTION WHEN unique_violation THEN
 END;
 $$;
 
+-- A storage by name; 42704 when there is none.
+CREATE FUNCTION mdd._storage(name text) RETURNS mdd.storage
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s mdd.storage;
+BEGIN
+	SELECT * INTO s FROM mdd.storage x WHERE x.name = _storage.name;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'storage "%" does not exist', coalesce(_storage.name, 'NULL')
+			USING ERRCODE = '42704', HINT = 'See mdd.storages.';
+	END IF;
+	RETURN s;
+END;
+$$;
+
 -- mdd.alter_storage: change options of a storage.  The options given
 -- replace those of the same name (null removes one); "read_only" sets the
 -- flag.  What says where its blobs are cannot change while it holds copies.
@@ -358,15 +374,10 @@ CREATE FUNCTION mdd.drop_storage(name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	s mdd.storage;
+	s mdd.storage := mdd._storage(name);
 	users text;
 	copies bigint;
 BEGIN
-	SELECT * INTO s FROM mdd.storage x WHERE x.name = drop_storage.name FOR UPDATE;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'storage "%" does not exist', coalesce(drop_storage.name, 'NULL')
-			USING ERRCODE = '42704', HINT = 'See mdd.storages.';
-	END IF;
 	IF s.name = 'online' THEN
 		RAISE EXCEPTION 'storage "online" cannot be dropped'
 			USING ERRCODE = '55000', DETAIL = 'It is where new objects go when nothing else is said.';
