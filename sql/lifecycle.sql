@@ -430,6 +430,12 @@ BEGIN
 		RETURN mdd._rule_throttle(j, mdd._send_step(j));
 	END IF;
 	IF j.kind IN ('retrieve', 'move') THEN RETURN mdd._fetch_step(j); END IF;	-- sql/fetch.sql
+	IF j.kind = 'verify' THEN	-- sql/fixity.sql
+		IF j.state = 'running' AND mdd._rule_window_closed(j) IS NOT NULL THEN
+			RETURN 'wait';
+		END IF;
+		RETURN mdd._rule_throttle(j, mdd._verify_step(j));
+	END IF;
 	UPDATE mdd.job x SET attempts = 0 WHERE x.id = j.id AND x.attempts > 0 AND x.state = 'running';
 
 	IF EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.job = j.id AND i.state = 'releasing') THEN
@@ -499,57 +505,3 @@ BEGIN
 END;
 $$;
 
--- mdd.verify(storage): the fixity check.  Reads every present copy on the
--- storage and compares it with the object's size and SHA-256; returns the
--- objects whose copy is missing, unreadable or different, and records
--- when the others were last found good.
-CREATE FUNCTION mdd.verify(storage text)
-RETURNS TABLE(object_id bigint, sop_instance_uid text, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-	s mdd.storage;
-	c record;
-	data bytea;
-	checked int := 0;
-	bad int := 0;
-BEGIN
-	s := mdd._storage(verify.storage);
-	FOR c IN SELECT cp.object, cp.locator, o.size, o.sha256, o.sop_instance_uid
-			 FROM mdd.copy cp JOIN mdd.object o ON o.id = cp.object
-			 WHERE cp.storage = s.id AND cp.state = 'present' ORDER BY cp.object
-	LOOP
-		checked := checked + 1;
-		problem := NULL;
-		BEGIN
-			data := mdd._get(s, c.locator);
-			IF length(data) <> c.size OR sha256(data) <> c.sha256 THEN
-				problem := format('checksum mismatch: %s bytes with SHA-256 %s, expected %s bytes with SHA-256 %s',
-								  length(data), encode(sha256(data), 'hex'), c.size, encode(c.sha256, 'hex'));
-			END IF;
-		EXCEPTION WHEN OTHERS THEN
-			IF mdd._transient(SQLSTATE) THEN
-				RAISE;
-			END IF;
-			problem := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
-		END;
-		data := NULL;
-		-- a copy a job released while it was being read is no problem
-		CONTINUE WHEN problem IS NOT NULL AND NOT EXISTS
-			(SELECT 1 FROM mdd.copy cp WHERE cp.object = c.object AND cp.storage = s.id
-			 AND cp.locator = c.locator AND cp.state = 'present');
-		IF problem IS NULL THEN
-			UPDATE mdd.copy cp SET verified_at = now() WHERE cp.object = c.object AND cp.storage = s.id;
-		ELSE
-			bad := bad + 1;
-			object_id := c.object;
-			sop_instance_uid := c.sop_instance_uid;
-			RETURN NEXT;
-		END IF;
-	END LOOP;
-	PERFORM mdd._audit('verify', NULL, NULL,
-					   format('storage %s: %s copies checked, %s bad', s.name, checked, bad));
-END;
-$$;
-COMMENT ON FUNCTION mdd.verify(text) IS
-	'Fixity check of a storage: the objects whose copy there is missing, unreadable or corrupt';

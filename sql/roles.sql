@@ -31,7 +31,7 @@ GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
 	mdd.import(text), mdd.store_document(text, bytea, text, text, text, text),
 	mdd.export(bigint, text, boolean, boolean), mdd.echo(text),
 	mdd.archive(bigint[], text, boolean), mdd.restore(bigint[], boolean),
-	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text),
+	mdd.wait(bigint, interval), mdd.cancel(bigint), mdd.verify(text), mdd.verify_storage(text, interval),
 	mdd.preview_rule(text, boolean), mdd.run_rule(text, boolean),
 	mdd.send(bigint[], text, boolean), mdd.retrieve(text, text, text, text),
 	mdd.move(text, text, text, text, text) TO mdd_operator;

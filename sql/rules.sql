@@ -1,5 +1,6 @@
 -- mdd: archive rules.  A rule is an SQL condition over mdd.objects o (which
--- may read the EMR's own tables), an action (archive, restore), a cron
+-- may read the EMR's own tables), an action (archive, restore, send, or
+-- verify: a fixity check of the copies on a storage, sql/fixity.sql), a cron
 -- schedule and a window of quiet hours; its runs are jobs of the job queue,
 -- started by mdd.run_rule or by the rule scheduler (bgworker/scheduler.c).
 --
@@ -16,7 +17,7 @@ CREATE TABLE mdd.rule (
 	name			text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
 	owner			oid NOT NULL,	-- the role whose rights the predicate runs with
 	predicate		text NOT NULL,
-	action			text NOT NULL CHECK (action IN ('archive', 'restore', 'send')),
+	action			text NOT NULL CHECK (action IN ('archive', 'restore', 'send', 'verify')),
 	storage			integer REFERENCES mdd.storage(id),	-- where archive sends objects
 	node			integer REFERENCES mdd.node(id),	-- where send sends them
 	schedule		text,			-- 5-field cron; NULL: run by hand only
@@ -35,7 +36,7 @@ CREATE TABLE mdd.rule (
 	purged_objects	bigint NOT NULL DEFAULT 0,
 	purged_bytes	bigint NOT NULL DEFAULT 0,
 	CHECK ((window_start IS NULL) = (window_end IS NULL)),
-	CHECK (action <> 'archive' OR storage IS NOT NULL),
+	CHECK ((action IN ('archive', 'verify')) = (storage IS NOT NULL)),
 	CHECK ((action = 'send') = (node IS NOT NULL))
 );
 ALTER TABLE mdd.job ADD FOREIGN KEY (rule) REFERENCES mdd.rule(id) ON DELETE SET NULL;
@@ -51,18 +52,21 @@ CREATE FUNCTION mdd._wake_scheduler() RETURNS void
 	AS 'MODULE_PATHNAME', 'mdd_wake_scheduler_sql' LANGUAGE C VOLATILE;
 
 -- The objects an action can act on at all: archive takes what is online,
--- restore what is archived, send DICOM objects.
+-- restore what is archived, send DICOM objects, verify any object (those
+-- with a copy on its storage, mdd._rule_objects).
 CREATE FUNCTION mdd._rule_scope(action text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$
 	SELECT CASE action WHEN 'archive' THEN 'o.tier = ''online'''
 					   WHEN 'restore' THEN 'o.tier = ''archive'''
+					   WHEN 'verify' THEN 'true'
 					   ELSE 'o.kind = ''dicom''' END
 $$;
 
 -- The objects a rule selects now: its predicate, as its owner, within its
 -- action's scope; for a send rule, less what send jobs already delivered
--- to its node (their done items, or mdd.delivered once they are purged).
+-- to its node (their done items, or mdd.delivered once they are purged);
+-- for a verify rule, those with a copy on its storage.
 CREATE FUNCTION mdd._rule_objects(r mdd.rule) RETURNS bigint[]
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -75,6 +79,10 @@ BEGIN
 						  WHERE i.object = x AND i.state = 'done' AND j.kind = 'send' AND j.node = r.node)
 		  AND NOT EXISTS (SELECT 1 FROM mdd.delivered d	-- of purged jobs (sql/retention.sql)
 						  WHERE d.node = r.node AND d.object = x);
+	END IF;
+	IF r.action = 'verify' AND cardinality(ids) > 0 THEN
+		SELECT coalesce(array_agg(x ORDER BY x), '{}') INTO ids FROM unnest(ids) x
+		WHERE EXISTS (SELECT 1 FROM mdd.copy c WHERE c.object = x AND c.storage = r.storage AND c.state = 'present');
 	END IF;
 	RETURN ids;
 END;
@@ -206,15 +214,20 @@ BEGIN
 		RAISE EXCEPTION 'rule "%" already exists', name
 			USING ERRCODE = '42710', HINT = 'Drop it first with mdd.drop_rule.';
 	END IF;
-	IF action NOT IN ('archive', 'restore', 'send') THEN
+	IF action NOT IN ('archive', 'restore', 'send', 'verify') THEN
 		RAISE EXCEPTION 'invalid rule action "%"', action
-			USING ERRCODE = '22023', HINT = 'The actions are archive, restore and send.';
+			USING ERRCODE = '22023', HINT = 'The actions are archive, restore, send and verify.';
 	END IF;
 	IF action = 'archive' THEN
 		target := (mdd._archive_target(storage)).id;
+	ELSIF action = 'verify' THEN
+		IF storage IS NULL THEN
+			RAISE EXCEPTION 'a verify rule names the storage whose copies it checks' USING ERRCODE = '22023';
+		END IF;
+		target := (mdd._storage(storage)).id;
 	ELSIF storage IS NOT NULL THEN
 		RAISE EXCEPTION 'a rule that %s takes no storage', action
-			USING ERRCODE = '22023', DETAIL = 'Only archive rules name a storage.';
+			USING ERRCODE = '22023', DETAIL = 'Only archive and verify rules name a storage.';
 	END IF;
 	IF action = 'send' THEN
 		SELECT * INTO receiver FROM mdd.node x WHERE x.name = create_rule.node;
@@ -301,6 +314,8 @@ BEGIN
 	END IF;
 	IF r.action = 'send' THEN
 		job := mdd._queue_send(ids, (SELECT x.name FROM mdd.node x WHERE x.id = r.node));
+	ELSIF r.action = 'verify' THEN
+		job := mdd._queue_verify(ids, (SELECT s FROM mdd.storage s WHERE s.id = r.storage));	-- sql/fixity.sql
 	ELSIF r.action = 'archive' THEN
 		SELECT * INTO target FROM mdd.storage s WHERE s.id = r.storage;
 		IF target.read_only THEN
@@ -312,7 +327,7 @@ BEGIN
 			SELECT * INTO target FROM mdd.storage s WHERE s.name = 'online';
 		END IF;
 	END IF;
-	IF r.action <> 'send' THEN
+	IF r.action IN ('archive', 'restore') THEN
 		job := mdd._queue_move(r.action, ids, target, false, '{}', true);
 	END IF;
 	UPDATE mdd.job j SET rule = r.id,

@@ -9,7 +9,7 @@ SET client_min_messages = warning;
 
 BEGIN;
 SET LOCAL jit = off;
-SELECT plan(113);
+SELECT plan(119);
 
 -- the demo EMR (scripts/emr_demo.sql), as the tests and the demo use it
 \ir ../../scripts/emr_demo.sql
@@ -216,6 +216,12 @@ SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'archive', 'online')$$,
 				 'archive to an online storage: 22023');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'restore', 'vault06')$$, '22023', NULL,
 				 'restore with a storage: 22023');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'verify')$$, '22023',
+				 'a verify rule names the storage whose copies it checks', 'verify without a storage: 22023');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'verify', 'no_such_storage')$$, '42704', NULL,
+				 'verify of an unknown storage: 42704');
+SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', 'verify', 'vault06', node => 'tps06')$$, '22023',
+				 'a rule that verifys takes no node', 'verify with a node: 22023');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', schedule => '61 * * * *')$$, '22023',
 				 'invalid schedule "61 * * * *": minute field: value 61 is outside 0-59', 'bad minute: 22023');
 SELECT throws_ok($$SELECT mdd.create_rule('bad', 'true', schedule => '* * * *')$$, '22023',
@@ -415,6 +421,20 @@ SELECT is(mdd._cron_next('30 2 * * *', '2027-10-31 02:40+01'), '2027-11-01 02:30
 		  'the hour repeated in autumn: once, not twice');
 SELECT is(mdd._cron_next('0 1 * * *', '2026-12-04 12:00+00'), '2026-12-05 00:00+00'::timestamptz,
 		  'schedules follow the time zone: 01:00 in Berlin is midnight UTC');
+
+-- a verify rule: the objects with a copy on its storage, checked by a job
+SELECT lives_ok($$SELECT mdd.create_rule('fixity06', 'true', 'verify', 'vault06', batch_size => 2)$$,
+				'a verify rule of a storage');
+SELECT is((SELECT array_agg(x ORDER BY x) FROM mdd.preview_rule('fixity06') x),
+		  (SELECT array_agg(c.object ORDER BY c.object) FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
+		   WHERE s.name = 'vault06' AND c.state = 'present'),
+		  'its preview: exactly the objects with a present copy on the storage');
+CREATE TEMP TABLE t06_fixity AS SELECT mdd.run_rule('fixity06') AS job;
+SELECT is((SELECT (j.kind, j.total, j.options->>'batch', st.name)::text FROM mdd.job j
+		   JOIN mdd.storage st ON st.id = j.storage WHERE j.id = (SELECT job FROM t06_fixity)),
+		  (SELECT ('verify', count(*), 2, 'vault06')::text FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
+		   WHERE s.name = 'vault06' AND c.state = 'present'),
+		  'a run is a verify job of those copies, in batches of the rule''s size');
 
 SELECT * FROM finish();
 ROLLBACK;

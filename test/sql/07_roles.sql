@@ -20,7 +20,7 @@ INSERT INTO expected_role VALUES
 	('store_document', 'mdd_operator'), ('export', 'mdd_operator'), ('echo', 'mdd_operator'),
 	('archive', 'mdd_operator'), ('restore', 'mdd_operator'), ('send', 'mdd_operator'),
 	('retrieve', 'mdd_operator'), ('move', 'mdd_operator'),
-	('wait', 'mdd_operator'), ('cancel', 'mdd_operator'), ('verify', 'mdd_operator'),
+	('wait', 'mdd_operator'), ('cancel', 'mdd_operator'), ('verify', 'mdd_operator'), ('verify_storage', 'mdd_operator'),
 	('preview_rule', 'mdd_operator'), ('run_rule', 'mdd_operator'),
 	('add_storage', 'mdd_admin'), ('alter_storage', 'mdd_admin'), ('drop_storage', 'mdd_admin'), ('add_node', 'mdd_admin'), ('alter_node', 'mdd_admin'), ('drop_node', 'mdd_admin'),
 	('create_rule', 'mdd_admin'), ('drop_rule', 'mdd_admin'), ('purge_jobs', 'mdd_admin');

@@ -226,6 +226,36 @@ ok(query_value(conn, """SELECT bool_and(verified_at > now() - interval '1 min') 
                         JOIN mdd.storage s ON s.id = c.storage
                         WHERE s.name = 'archive85' AND c.object <> %s""", (victim,)),
    "the good copies get a fresh verified_at")
+on_archive = query_value(conn, """SELECT count(*) FROM mdd.copy c JOIN mdd.storage s ON s.id = c.storage
+                             WHERE s.name = 'archive85' AND c.state = 'present'""")
+vjob = query_value(conn, "SELECT mdd.verify_storage('archive85')")
+is_(wait(vjob), "failed", "a verify job of the storage ends failed")
+r = job_row(vjob)
+is_((r["kind"], r["total"], r["done"], r["failed"]), ("verify", on_archive, on_archive - 1, 1),
+    "it checked every copy there, one bad")
+like(r["error"], rf"1 of {on_archive} objects failed; the first: checksum mismatch", "its error says why")
+is_(query(conn, "SELECT object FROM mdd.job_item WHERE job = %s AND state = 'failed'", (vjob,)), [(victim,)],
+    "the failed item is the altered object")
+like(query_value(conn, "SELECT detail FROM mdd.audit_log WHERE action = 'verify failed' AND object_id = %s "
+                       "ORDER BY at DESC LIMIT 1", (victim,)),
+     rf"^job {vjob}: copy on storage archive85 of .*checksum mismatch", "the bad copy is audited with its object")
+execute(conn, """UPDATE mdd.copy c SET verified_at = now() - interval '2 days' FROM mdd.storage s
+                  WHERE s.id = c.storage AND s.name = 'archive85' AND c.object = %s""", (victim,))
+vjob = query_value(conn, "SELECT mdd.verify_storage('archive85', not_verified_since => '1 day')")
+is_(wait(vjob), "failed", "a verify job of what was not found good within a day (last good two days ago)")
+is_(query(conn, "SELECT object FROM mdd.job_item WHERE job = %s", (vjob,)), [(victim,)],
+    "takes only the altered object")
+raises(conn, "SELECT mdd.verify_storage('nosuch85')", None, "42704", "verify_storage of an unknown storage: 42704")
+execute(conn, "SELECT mdd.create_rule('fixity85', 'true', 'verify', 'archive85', batch_size => 3)")
+vjob = query_value(conn, "SELECT mdd.run_rule('fixity85')")
+is_(wait(vjob), "failed", "a run of a verify rule of the storage ends failed")
+r = job_row(vjob)
+is_((r["kind"], r["total"], r["failed"], r["rule"]), ("verify", on_archive, 1, "fixity85"),
+    "it checked every copy there, one bad, as the rule's job")
+is_(r["batches"], -(-on_archive // 3), "in batches of the rule's size")
+is_(query_value(conn, "SELECT last_state FROM mdd.rules WHERE name = 'fixity85'"), "failed",
+    "mdd.rules shows the failed run")
+execute(conn, "SELECT mdd.drop_rule('fixity85')")
 job = query_value(conn, "SELECT mdd.restore(%s, false)", ([victim, ct[4]],))
 is_(wait(job), "failed", "a restore including the corrupt object ends failed")
 r = job_row(job)

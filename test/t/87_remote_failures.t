@@ -76,11 +76,14 @@ def server_log(since=None, grep=None, last=40):
 
 def queue(kind, ids, storage=None, options=None):
     """Queue an archive (to storage) or restore of ids, without related
-    objects, with job options set before the runners see the job."""
+    objects, or a verify job of storage, with job options set before the
+    runners see the job."""
     cur = qconn.cursor()
     try:
         if kind == "archive":
             cur.execute("SELECT mdd.archive(%s, %s, false)", (ids, storage))
+        elif kind == "verify":
+            cur.execute("SELECT mdd.verify_storage(%s)", (storage,))
         else:
             cur.execute("SELECT mdd.restore(%s, false)", (ids,))
         job = cur.fetchone()[0]
@@ -399,6 +402,18 @@ def run_kind(k):
                                                 "(none missing, no orphan)")
     is_(query(conn, "SELECT object_id, problem FROM mdd.verify(%s)", (name,)), [],
         f"{what} 2: mdd.verify finds every copy good")
+    # a fixity job while the server is down waits, then checks every copy
+    stop_peer(k)
+    vjob = queue("verify", None, name, {"retry_delay": 0.2, "max_attempts": 20})
+    row, _ = watch(vjob, lambda r: r["attempts"] > 0 or r["state"] in FINAL, timeout=15)
+    ok(row is not None and row["state"] in ("queued", "running") and row["attempts"] > 0
+       and "SQLSTATE 08" in (row["error"] or ""),
+       f"{what} 2: a verify job while the server is down waits to retry, saying why", describe_job(vjob))
+    start_peer(k)
+    waited(vjob, "done", f"{what} 2: once the server is back the verify job finishes done")
+    r = job_row(vjob)
+    is_((r["total"], r["done"], r["failed"]), (len(ids), len(ids), 0),
+        f"{what} 2: it checked every copy on {name}, none bad")
     is_(orphan_large_objects(), lo_orphans, f"{what} 2: no large object is left that no copy refers to")
 
     # -----------------------------------------------------------------------
