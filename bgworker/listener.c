@@ -225,6 +225,63 @@ store_callback(void *arg, const unsigned char *data, size_t len,
 	return status;
 }
 
+typedef struct CommitWork
+{
+	const char *transaction_uid;
+	const char *const *classes;
+	const char *const *instances;
+	int			n;
+} CommitWork;
+
+/* a text[] of wire strings */
+static Datum
+wire_text_array(const char *const *strings, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		elems[i] = mdd_wire_text_datum(strings[i]);
+	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+static void
+commit_work(Peer *peer, void *ctx)
+{
+	CommitWork *w = (CommitWork *) ctx;
+	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, TEXTARRAYOID, TEXTARRAYOID};
+	Datum		values[5];
+
+	values[0] = mdd_wire_text_datum(peer->calling_ae);
+	values[1] = mdd_wire_text_datum(peer->host);
+	values[2] = mdd_wire_text_datum(w->transaction_uid);
+	values[3] = wire_text_array(w->classes, w->n);
+	values[4] = wire_text_array(w->instances, w->n);
+	run_sql("SELECT mdd._dicom_commit($1, $2, $3, $4, $5)", 5, types, values, NULL);
+}
+
+/* Storage Commitment N-ACTION: the report is queued as a job (sql/commitment.sql) */
+static unsigned short
+commit_callback(void *arg, const char *transaction_uid, const char *const *classes,
+				const char *const *instances, int n, char *comment, size_t comment_len)
+{
+	Peer	   *peer = (Peer *) arg;
+	CommitWork	w = {transaction_uid, classes, instances, n};
+	ErrorData  *edata = run_in_transaction(peer, "DICOM N-ACTION", commit_work, &w);
+	unsigned short status = 0x0000;
+
+	if (edata)
+	{
+		status = 0x0110;		/* Processing failure */
+		snprintf(comment, comment_len, "%s", edata->message);
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: storage commitment %s from \"%s\" at %s refused: %s",
+						peer->listener, transaction_uid, peer->calling_ae, peer->host,
+						edata->message)));
+	}
+	end_callback(peer);
+	return status;
+}
+
 /* the elements of a text[] (NULL elements as NULL pointers) */
 static int
 text_array_elements(HeapTuple tuple, TupleDesc desc, char ***values)
@@ -665,6 +722,7 @@ serve_connection(int fd, Peer *peer)
 	callbacks.retrieve = retrieve_callback;
 	callbacks.destination = destination_callback;
 	callbacks.fetch = fetch_callback;
+	callbacks.commit = commit_callback;
 	callbacks.audit = audit_callback;
 	callbacks.should_stop = should_stop_callback;
 	callbacks.wait_readable = wait_readable_callback;

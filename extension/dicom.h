@@ -175,6 +175,15 @@ typedef struct MddDicomCallbacks
 						  unsigned char **data, size_t *len,
 						  char *error, size_t error_len);
 
+	/*
+	 * Take a Storage Commitment request (N-ACTION): the Transaction UID and
+	 * the n instances referenced.  Returns 0 once the report is queued, or
+	 * the DIMSE failure status with a comment.
+	 */
+	unsigned short (*commit) (void *arg, const char *transaction_uid,
+							  const char *const *classes, const char *const *instances,
+							  int n, char *comment, size_t comment_len);
+
 	/* write an audit row for the peer: action and what was refused or done */
 	void		(*audit) (void *arg, const char *action, const char *detail);
 
@@ -208,6 +217,22 @@ extern MddDicomStatus mdd_dicom_serve(int fd, const MddDicomServerConfig *config
 extern MddDicomStatus mdd_dicom_echo(const char *our_ae, const char *peer_ae,
 									 const char *host, int port, int timeout,
 									 char *errbuf, size_t errbuf_len);
+
+/*
+ * The N-EVENT-REPORT of a Storage Commitment transaction (dicom_commit.cpp),
+ * on an association from our_ae to peer_ae at host:port in which mdd is the
+ * SCP of the Storage Commitment Push Model: reasons[i] is 0 for an
+ * instance committed, else its Failure Reason.  MDD_DICOM_OK once the peer
+ * answered success; MDD_DICOM_NETWORK when it could not be reached or the
+ * exchange failed; MDD_DICOM_REFUSED when it answered a failure status.
+ */
+extern MddDicomStatus mdd_dicom_commit_report(const char *our_ae, const char *peer_ae,
+											  const char *host, int port, int timeout,
+											  const char *transaction_uid,
+											  const char *const *classes,
+											  const char *const *instances,
+											  const int *reasons, int n,
+											  char *errbuf, size_t errbuf_len);
 
 /* ---------------------------------------------------------------------
  * C-STORE of stored objects to a node, for mdd.send (dicom_send.cpp)

@@ -3,7 +3,8 @@
  *	  The DICOM network side of mdd with DCMTK's dcmnet: serving one
  *	  association on a connection a listener worker accepted
  *	  (mdd_dicom_serve of dicom.h): negotiation, C-ECHO, C-STORE, C-FIND,
- *	  and the dispatch of C-MOVE and C-GET to dicom_retrieve.cpp.
+ *	  and the dispatch of C-MOVE and C-GET to dicom_retrieve.cpp and of
+ *	  Storage Commitment's N-ACTION to dicom_commit.cpp.
  *
  * Received data sets are never parsed and re-encoded here: their bytes are
  * taken as they arrive and wrapped in a Part 10 file meta header, so the
@@ -392,6 +393,13 @@ Association::serve()
 					return false;
 				}
 				break;
+			case DIMSE_N_ACTION_RQ:
+				if (!mddHandleCommitAction(sa_, presID, msg.msg.NActionRQ))
+				{
+					ASC_abortAssociation(sa_.assoc);
+					return false;
+				}
+				break;
 			default:
 				log(MDD_LOG_WARNING, "aborting association with " + sa_.callingAE +
 					": unsupported DIMSE command " + std::to_string(msg.CommandField));
@@ -422,12 +430,13 @@ acceptContexts(T_ASC_Parameters *params)
 		UID_MOVEStudyRootQueryRetrieveInformationModel,
 		UID_GETPatientRootQueryRetrieveInformationModel,
 		UID_GETStudyRootQueryRetrieveInformationModel,
+		UID_StorageCommitmentPushModelSOPClass,
 	};
 	OFCondition cond;
 	int			n = ASC_countPresentationContexts(params);
 
 	cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
-		params, uncompressedServices, 7, const_cast<const char **>(mddUncompressedTransferSyntaxes), 3);
+		params, uncompressedServices, 8, const_cast<const char **>(mddUncompressedTransferSyntaxes), 3);
 	for (int i = 0; i < n && cond.good(); i++)
 	{
 		T_ASC_PresentationContext pc;

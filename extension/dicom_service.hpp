@@ -102,6 +102,10 @@ bool		mddWaitForMessage(T_ASC_Association *assoc, int fd, int timeout,
 							  const MddDicomCallbacks *cb);
 
 /* C-MOVE and C-GET as SCP (dicom_retrieve.cpp); false when the association must be aborted */
+/* N-ACTION of the Storage Commitment Push Model (dicom_commit.cpp) */
+bool		mddHandleCommitAction(MddServedAssociation &sa, T_ASC_PresentationContextID presID,
+								  T_DIMSE_N_ActionRQ &req);
+
 bool		mddHandleMove(MddServedAssociation &sa, T_ASC_PresentationContextID presID,
 						  T_DIMSE_C_MoveRQ &req);
 bool		mddHandleGet(MddServedAssociation &sa, T_ASC_PresentationContextID presID,

@@ -11,6 +11,7 @@
 #include "postgres.h"
 
 #include "nodes/pg_list.h"
+#include "utils/array.h"
 
 /* settings (mdd.c) */
 extern char *mdd_allowed_paths;
@@ -45,6 +46,9 @@ extern void mdd_scheduler_attach(void);
 
 /* throttle.c: the bandwidth cap of rule-driven work */
 extern double mdd_rule_bandwidth;
+
+/* send.c: the elements of a text[] as C strings (NULL elements refused) */
+extern int	mdd_text_array_strings(ArrayType *array, const char *what, char ***out);
 extern void mdd_throttle_init(void);
 
 #endif							/* MDD_H */

@@ -75,8 +75,8 @@ send_should_stop(void *arg)
 }
 
 /* the elements of a text[] argument as C strings; NULL elements refused */
-static int
-text_array_strings(ArrayType *array, const char *what, char ***out)
+int
+mdd_text_array_strings(ArrayType *array, const char *what, char ***out)
 {
 	Datum	   *elems;
 	bool	   *nulls;
@@ -128,8 +128,8 @@ mdd_send_open_sql(PG_FUNCTION_ARGS)
 					 errmsg("AE title, host, port, SOP classes and transfer syntaxes must not be NULL")));
 	ae_title = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	host = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	nclasses = text_array_strings(PG_GETARG_ARRAYTYPE_P(3), "SOP classes", &classes);
-	nsyntaxes = text_array_strings(PG_GETARG_ARRAYTYPE_P(4), "transfer syntaxes", &syntaxes);
+	nclasses = mdd_text_array_strings(PG_GETARG_ARRAYTYPE_P(3), "SOP classes", &classes);
+	nsyntaxes = mdd_text_array_strings(PG_GETARG_ARRAYTYPE_P(4), "transfer syntaxes", &syntaxes);
 	if (nclasses != nsyntaxes || nclasses == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

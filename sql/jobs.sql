@@ -3,7 +3,7 @@
 
 CREATE TABLE mdd.job (
 	id				bigserial PRIMARY KEY,
-	kind			text NOT NULL CHECK (kind IN ('archive', 'restore', 'send', 'retrieve', 'move', 'verify')),
+	kind			text NOT NULL CHECK (kind IN ('archive', 'restore', 'send', 'retrieve', 'move', 'verify', 'commit')),
 	state			text NOT NULL DEFAULT 'queued'
 					CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
 	storage			integer REFERENCES mdd.storage(id),	-- where the objects go

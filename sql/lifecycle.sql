@@ -430,6 +430,7 @@ BEGIN
 		RETURN mdd._rule_throttle(j, mdd._send_step(j));
 	END IF;
 	IF j.kind IN ('retrieve', 'move') THEN RETURN mdd._fetch_step(j); END IF;	-- sql/fetch.sql
+	IF j.kind = 'commit' THEN RETURN mdd._commit_step(j); END IF;	-- sql/commitment.sql
 	IF j.kind = 'verify' THEN	-- sql/fixity.sql
 		IF j.state = 'running' AND mdd._rule_window_closed(j) IS NOT NULL THEN
 			RETURN 'wait';
