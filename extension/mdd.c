@@ -20,6 +20,7 @@
 #include "utils/guc.h"
 
 #include "mdd.h"
+#include "tls.h"
 #include "../bgworker/workers.h"
 
 PG_MODULE_MAGIC;
@@ -161,6 +162,7 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 
 	define_network_settings();
+	mdd_define_tls_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
