@@ -18,6 +18,7 @@
 #include <dcmtk/dcmtls/tlsciphr.h>
 
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
@@ -102,6 +103,31 @@ setProfile(DcmTLSTransportLayer *layer, const char *profile, std::string &error)
 	return true;
 }
 
+/* no passphrase prompt, ever: encrypted keys are refused */
+int
+noPassword(char *, int, int, void *)
+{
+	return 0;
+}
+
+/* whether the file holds a private key OpenSSL can read without a passphrase */
+bool
+keyIsReadable(const char *file)
+{
+	FILE	   *f = fopen(file, "r");
+	EVP_PKEY   *key;
+
+	if (f == NULL)
+		return false;
+	key = PEM_read_PrivateKey(f, NULL, noPassword, NULL);
+	fclose(f);
+	ERR_clear_error();
+	if (key == NULL)
+		return false;
+	EVP_PKEY_free(key);
+	return true;
+}
+
 bool
 readable(const char *setting, const char *file, std::string &error)
 {
@@ -127,6 +153,7 @@ mddNewTlsLayer(bool server, const MddTlsSettings *s, std::function<void(int)> on
 	bool		haveCA = s->ca_file && *s->ca_file;
 
 	mddInitialiseDcmtk();
+	lastHandshake.clear();
 	if (haveCert != haveKey)
 	{
 		error = "mdd.dicom_tls_cert_file and mdd.dicom_tls_key_file must be set together";
@@ -158,6 +185,8 @@ mddNewTlsLayer(bool server, const MddTlsSettings *s, std::function<void(int)> on
 
 	if (!setProfile(layer.get(), s->profile, error))
 		return NULL;
+	if (layer->getNativeHandle())
+		SSL_CTX_set_default_passwd_cb(layer->getNativeHandle(), noPassword);
 	if (haveCert)
 	{
 		if (layer->setCertificateFile(s->cert_file, DCF_Filetype_PEM).bad())
@@ -168,8 +197,14 @@ mddNewTlsLayer(bool server, const MddTlsSettings *s, std::function<void(int)> on
 		}
 		if (layer->setPrivateKeyFile(s->key_file, DCF_Filetype_PEM).bad())
 		{
-			error = std::string("mdd.dicom_tls_key_file \"") + s->key_file +
-				"\" holds no private key mdd can use (PEM, not encrypted)";
+			/* OpenSSL checks the key against the certificate as it loads it */
+			if (keyIsReadable(s->key_file))
+				error = std::string("mdd.dicom_tls_key_file \"") + s->key_file +
+					"\" is not the key of the certificate in mdd.dicom_tls_cert_file \"" +
+					s->cert_file + "\"";
+			else
+				error = std::string("mdd.dicom_tls_key_file \"") + s->key_file +
+					"\" holds no private key mdd can use (PEM, not encrypted)";
 			return NULL;
 		}
 		if (!layer->checkPrivateKeyMatchesCertificate())

@@ -65,15 +65,23 @@ mdd_define_tls_settings(void)
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 }
 
+/*
+ * A copy of the settings: a reload in the middle of an association (a
+ * listener serving C-MOVE sub-operations) frees the old strings of the GUCs.
+ */
 const MddTlsSettings *
 mdd_tls_settings(void)
 {
-	static MddTlsSettings s;
+	static char cert[MAXPGPATH],
+				key[MAXPGPATH],
+				ca[MAXPGPATH],
+				profile[32];
+	static MddTlsSettings s = {cert, key, ca, profile, 1};
 
-	s.cert_file = tls_cert_file ? tls_cert_file : "";
-	s.key_file = tls_key_file ? tls_key_file : "";
-	s.ca_file = tls_ca_file ? tls_ca_file : "";
-	s.profile = tls_profile ? tls_profile : "bcp195-nd";
+	strlcpy(cert, tls_cert_file ? tls_cert_file : "", sizeof(cert));
+	strlcpy(key, tls_key_file ? tls_key_file : "", sizeof(key));
+	strlcpy(ca, tls_ca_file ? tls_ca_file : "", sizeof(ca));
+	strlcpy(profile, tls_profile ? tls_profile : "bcp195-nd", sizeof(profile));
 	s.require_client_certificate = tls_require_client_certificate;
 	return &s;
 }

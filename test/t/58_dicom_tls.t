@@ -14,10 +14,12 @@
 #      (the objects arrive); a peer with the rogue certificate, a peer that
 #      does not speak TLS, a peer that does not trust mdd's certificate and
 #      a CA file that cannot be read fail with a clear reason and change
-#      nothing;
+#      nothing (and the TLS port refuses connections meanwhile, logged);
 #   4. Orthanc with DICOM TLS: mdd.echo, mdd.send, mdd.find and mdd.retrieve
 #      (C-MOVE, whose C-STORE sub-operations come back to mdd's TLS port),
-#      and Orthanc's own C-ECHO to mdd over TLS.
+#      and Orthanc's own C-ECHO to mdd over TLS;
+#   5. a key that does not match the certificate at server start: the TLS
+#      service is off with the reason in the log, plain DICOM is served.
 import glob
 import os
 import shutil
@@ -28,7 +30,7 @@ import time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from mddtap import *  # noqa: E402,F403
-from dicomtools import StoreSCP, run, unprivileged_user, HOST  # noqa: E402
+from dicomtools import StoreSCP, run, unprivileged_user, port_open, HOST  # noqa: E402
 from orthanc import Orthanc  # noqa: E402
 
 import warnings  # noqa: E402
@@ -229,6 +231,17 @@ try:
     res, notices = echo("tlsscp")
     ok(res is False and "mdd.dicom_tls_ca_file" in notices and "cannot be read" in notices,
        "a CA file that cannot be read: mdd.echo fails and says which setting", notices)
+    mark = now()
+    rc, out = run(["echoscu", *tls_opts("peer"), "-aet", "TLSPEER", "-aec", "MDD", HOST, str(TLS_PORT)],
+                  timeout=30)
+    time.sleep(0.5)
+    ok(rc not in (0, None) and audit_since(mark, "associate") == [],
+       "... and the TLS port refuses connections meanwhile", out)
+    like(open(log, errors="replace").read(),
+         r"to the TLS port closed: cannot use the TLS settings: mdd\.dicom_tls_ca_file \".*missing\.pem\" cannot be read",
+         "the server log says which setting is wrong")
+    rc, out = run(["echoscu", "-aet", "PLAINPEER", "-aec", "MDD", HOST, str(DICOM_PORT)])
+    same(rc, 0, "plain DICOM is not affected", out)
     execute(conn, "ALTER SYSTEM RESET mdd.dicom_tls_ca_file")
     execute(conn, f"ALTER SYSTEM SET mdd.dicom_tls_ca_file = '{CA}'")
     execute(conn, "SELECT pg_reload_conf()")
@@ -299,6 +312,27 @@ try:
             rows = audit_since(mark, "associate")
             ok(any(d.startswith("ORTHANC -> MDD: node orthanc (over TLS") for _, d in rows),
                "Orthanc's associations to mdd came over TLS", str(rows))
+
+    # ------------------------------------------------------------------
+    note("--- 5. a key that is not the certificate's, at server start")
+    execute(conn, f"ALTER SYSTEM SET mdd.dicom_tls_key_file = '{certs}/rogue.key'")
+    conn.close()
+    conn = None
+    size = os.path.getsize(log)
+    cluster("stop", datadir)
+    cluster("start", datadir, str(PORT))
+    conn = connect_when_up(PORT)
+    time.sleep(1)
+    with open(log, errors="replace") as fh:
+        fh.seek(size)
+        text = fh.read()
+    like(text, r"mdd: DICOM TLS service off: mdd\.dicom_tls_key_file \".*rogue\.key\" is not the key of the "
+               r"certificate in mdd\.dicom_tls_cert_file",
+         "the server starts, its log says the TLS service is off and why")
+    ok(not port_open(TLS_PORT), "the TLS port does not listen")
+    rc, out = run(["echoscu", "-aet", "PLAINPEER", "-aec", "MDD", HOST, str(DICOM_PORT)])
+    same(rc, 0, "plain DICOM is served", out)
+    execute(conn, "ALTER SYSTEM RESET mdd.dicom_tls_key_file")
 finally:
     for s in servers:
         try:
