@@ -17,7 +17,8 @@
 #      nothing (and the TLS port refuses connections meanwhile, logged);
 #   4. Orthanc with DICOM TLS: mdd.echo, mdd.send, mdd.find and mdd.retrieve
 #      (C-MOVE, whose C-STORE sub-operations come back to mdd's TLS port),
-#      and Orthanc's own C-ECHO to mdd over TLS;
+#      Orthanc's own C-ECHO to mdd over TLS, and Orthanc's C-MOVE to mdd with
+#      itself as destination (mdd's sub-operations over TLS);
 #   5. a key that does not match the certificate at server start: the TLS
 #      service is off with the reason in the log, plain DICOM is served.
 import glob
@@ -312,6 +313,25 @@ try:
             rows = audit_since(mark, "associate")
             ok(any(d.startswith("ORTHANC -> MDD: node orthanc (over TLS") for _, d in rows),
                "Orthanc's associations to mdd came over TLS", str(rows))
+
+        # mdd as C-MOVE SCP: the sub-operations go to Orthanc over TLS
+        sent = {r[0]: r[1] for r in query(conn, """SELECT sop_instance_uid, study_instance_uid FROM mdd.objects
+                                                  WHERE id = ANY(%s)""", (ids,))}
+        for study in set(sent.values()):
+            st, found_ids = orthanc.post("/tools/lookup", study.encode())
+            for x in (found_ids if st == 200 and isinstance(found_ids, list) else []):
+                orthanc.delete(f"/studies/{x['ID']}")
+        st, before = orthanc.get("/statistics")
+        status, res = orthanc.post("/modalities/mdd/move",
+                                   {"Level": "Study", "Resources": [{"StudyInstanceUID": u} for u in sorted(set(sent.values()))],
+                                    "TargetAet": "ORTHANC", "Timeout": 60}, timeout=120)
+        st, after = orthanc.get("/statistics")
+        ok(status == 200 and isinstance(before, dict) and isinstance(after, dict)
+           and after.get("CountInstances", 0) - before.get("CountInstances", 0) == len(sent),
+           f"Orthanc's C-MOVE to mdd with itself as destination: the {len(sent)} objects arrive over TLS "
+           f"(Orthanc held {before.get('CountInstances') if isinstance(before, dict) else before}, then "
+           f"{after.get('CountInstances') if isinstance(after, dict) else after})",
+           f"    HTTP {status}: {res}", orthanc.log_tail())
 
     # ------------------------------------------------------------------
     note("--- 5. a key that is not the certificate's, at server start")
