@@ -18,7 +18,8 @@
 #   4. Orthanc with DICOM TLS: mdd.echo, mdd.send, mdd.find and mdd.retrieve
 #      (C-MOVE, whose C-STORE sub-operations come back to mdd's TLS port),
 #      Orthanc's own C-ECHO to mdd over TLS, and Orthanc's C-MOVE to mdd with
-#      itself as destination (mdd's sub-operations over TLS);
+#      itself as destination (mdd's sub-operations over TLS), and storage
+#      commitment (Orthanc's N-ACTION to the TLS port, mdd's report over TLS);
 #   5. a key that does not match the certificate at server start: the TLS
 #      service is off with the reason in the log, plain DICOM is served.
 import glob
@@ -332,6 +333,22 @@ try:
            f"(Orthanc held {before.get('CountInstances') if isinstance(before, dict) else before}, then "
            f"{after.get('CountInstances') if isinstance(after, dict) else after})",
            f"    HTTP {status}: {res}", orthanc.log_tail())
+
+        # storage commitment: Orthanc's N-ACTION on the TLS port, mdd's report over TLS
+        held = query(conn, "SELECT sop_class_uid, sop_instance_uid FROM mdd.objects WHERE id = ANY(%s)", (ids,))
+        status, res = orthanc.post("/modalities/mdd/storage-commitment",
+                                   {"DicomInstances": [{"SOPClassUID": c, "SOPInstanceUID": u} for c, u in held]})
+        tx = res.get("ID") if status == 200 and isinstance(res, dict) else None
+        outcome = None
+        deadline = time.monotonic() + 60
+        while tx and time.monotonic() < deadline:
+            st, outcome = orthanc.get(f"/storage-commitment/{tx}")
+            if st == 200 and isinstance(outcome, dict) and outcome.get("Status") != "Pending":
+                break
+            time.sleep(0.2)
+        ok(isinstance(outcome, dict) and outcome.get("Status") == "Success",
+           f"storage commitment over TLS both ways: Orthanc's transaction ends {outcome.get('Status') if isinstance(outcome, dict) else outcome}",
+           f"    {status}: {res}", str(query_dicts(conn, "SELECT state, error FROM mdd.jobs WHERE kind = 'commit'")))
 
     # ------------------------------------------------------------------
     note("--- 5. a key that is not the certificate's, at server start")
