@@ -13,7 +13,7 @@ MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/file_io.o extension/storage_file.o extension/tally.o \
 	extension/storage_remote.o extension/remote_transfer.o extension/remote_undo.o extension/compress.o \
-	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o extension/dicom_scu.o extension/dicom_retrieve.o extension/dicom_send.o extension/dicom_find.o extension/dicom_fetch.o extension/dicom_commit.o extension/dicom_service.o \
+	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o extension/dicom_scu.o extension/dicom_retrieve.o extension/dicom_send.o extension/dicom_find.o extension/dicom_fetch.o extension/dicom_commit.o extension/dicom_service.o extension/dicom_tls.o extension/tls.o \
 	extension/dicom_rt.o extension/dvh.o \
 	extension/network.o extension/send.o extension/commit.o extension/find.o extension/job_wake.o \
 	extension/shmem.o extension/rule_select.o extension/cron.o extension/throttle.o \
@@ -29,7 +29,7 @@ SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 
-DCMTK_LIBS = -ldcmnet -ldcmdata -loflog -lofstd
+DCMTK_LIBS = -ldcmtls -ldcmnet -ldcmdata -loflog -lofstd -lssl -lcrypto
 SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
 # the http and s3 storages (libcurl) and zstd compression of blobs
 SHLIB_LINK += -lcurl -lzstd

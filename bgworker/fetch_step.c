@@ -41,6 +41,7 @@
 #include "utils/timestamp.h"
 
 #include "../extension/dicom.h"
+#include "../extension/tls.h"
 #include "workers.h"
 
 /* what mdd._fetch_plan says to ask for */
@@ -58,6 +59,7 @@ typedef struct FetchPlan
 	char	  **instances;
 	int			nclasses;		/* -1: the node did not say them all */
 	char	  **classes;
+	bool		tls;			/* the node's tls option */
 } FetchPlan;
 
 /* one network step of a job, what its callbacks share */
@@ -122,7 +124,7 @@ plan_work(void *ctx)
 	char	  **arrays[4];
 
 	if (SPI_execute_with_args("SELECT operation, ae_title, host, port, destination, levels, studies,"
-							  " series, instances, classes FROM mdd._fetch_plan($1)",
+							  " series, instances, classes, tls FROM mdd._fetch_plan($1)",
 							  1, types, values, NULL, false, 0) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "mdd._fetch_plan returned no row");
 	t = SPI_tuptable->vals[0];
@@ -146,6 +148,8 @@ plan_work(void *ctx)
 	p->series = arrays[2];
 	p->instances = arrays[3];
 	p->nclasses = column_strings(t, desc, 10, fs->cxt, &p->classes);
+	port = column_string(t, desc, 11, fs->cxt);
+	p->tls = port != NULL && strcmp(port, "t") == 0;
 }
 
 /* SQL with arguments whose first column of the only row is text, into cxt */
@@ -398,6 +402,7 @@ setup(FetchStep *fs, MddFetchPeer *peer, MddFetchCallbacks *cb)
 	peer->port = fs->plan.port;
 	peer->acse_timeout = mdd_dicom_acse_timeout;
 	peer->dimse_timeout = mdd_dicom_dimse_timeout;
+	peer->tls = mdd_tls_if(fs->plan.tls);
 	memset(cb, 0, sizeof(*cb));
 	cb->arg = fs;
 	cb->should_stop = should_stop;

@@ -44,6 +44,7 @@
 
 #include "../extension/dicom.h"
 #include "../extension/find.h"
+#include "../extension/tls.h"
 #include "workers.h"
 
 /* how long the peer may take to confirm the release, after the answer went */
@@ -341,6 +342,7 @@ run_find(FindWorker *w, MddDicomFinder **finder, char *errbuf, size_t errlen)
 	config.arg = w;
 	config.should_stop = find_should_stop;
 	config.on_socket = find_on_socket;
+	config.tls = mdd_tls_if(w->node->tls);
 
 	*finder = NULL;
 	if (mdd_dicom_finder_open(&config, finder, &failure, errbuf, errlen) != MDD_DICOM_OK)

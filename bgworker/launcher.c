@@ -195,7 +195,7 @@ mdd_launcher_main(Datum arg)
 		{
 			timeout = keep_running(&runners, mdd_job_workers);
 			timeout = Min(timeout, keep_running(&scheduler, 1));
-			if (mdd_listen_fd >= 0)
+			if (mdd_listen_fd >= 0 || mdd_tls_listen_fd >= 0)
 				timeout = Min(timeout, keep_running(&listeners, mdd_dicom_workers));
 			if (mdd_http_listen_fd >= 0)
 				timeout = Min(timeout, keep_running(&http_workers, mdd_http_workers));

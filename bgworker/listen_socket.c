@@ -8,7 +8,8 @@
  * association (pre-fork, like a web server).  The socket is non-blocking,
  * so a worker that loses the race for a connection just waits again.  If
  * the port cannot be bound the server still starts; the log says why the
- * DICOM service is off.
+ * DICOM service is off.  The TLS port (mdd.dicom_tls_port) is a second
+ * socket of the same kind, served by the same workers.
  *
  *-------------------------------------------------------------------------
  */
@@ -20,11 +21,14 @@
 #include <unistd.h>
 
 #include "workers.h"
+#include "../extension/tls.h"
 
 int			mdd_listen_fd = -1;
+int			mdd_tls_listen_fd = -1;
 
-void
-mdd_open_listen_socket(void)
+/* a non-blocking listening socket on mdd.dicom_listen_address:port, or -1 */
+static int
+open_port(int portnum, const char *what, const char *setting)
 {
 	struct addrinfo hints,
 			   *res = NULL,
@@ -32,26 +36,22 @@ mdd_open_listen_socket(void)
 	char		port[16];
 	int			rc;
 	int			last_errno = 0;
+	int			listen_fd = -1;
 
-	if (mdd_dicom_port == 0)
-	{
-		ereport(LOG, (errmsg("mdd: DICOM service off (mdd.dicom_port = 0)")));
-		return;
-	}
 	memset(&hints, 0, sizeof(hints));
 	/* IPv4 unless an IPv6 address is given: "localhost" means 127.0.0.1 */
 	hints.ai_family = strchr(mdd_dicom_listen_address, ':') ? AF_INET6 : AF_INET;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = AI_PASSIVE;
-	snprintf(port, sizeof(port), "%d", mdd_dicom_port);
+	snprintf(port, sizeof(port), "%d", portnum);
 	rc = getaddrinfo(strcmp(mdd_dicom_listen_address, "*") == 0 ? NULL : mdd_dicom_listen_address,
 					 port, &hints, &res);
 	if (rc != 0)
 	{
 		ereport(LOG,
-				(errmsg("mdd: DICOM service off: cannot resolve mdd.dicom_listen_address \"%s\": %s",
-						mdd_dicom_listen_address, gai_strerror(rc))));
-		return;
+				(errmsg("mdd: %s off: cannot resolve mdd.dicom_listen_address \"%s\": %s",
+						what, mdd_dicom_listen_address, gai_strerror(rc))));
+		return -1;
 	}
 	for (ai = res; ai != NULL; ai = ai->ai_next)
 	{
@@ -68,7 +68,7 @@ mdd_open_listen_socket(void)
 			fcntl(fd, F_SETFL, O_NONBLOCK) == 0 &&
 			fcntl(fd, F_SETFD, FD_CLOEXEC) == 0)
 		{
-			mdd_listen_fd = fd;
+			listen_fd = fd;
 			break;
 		}
 		last_errno = errno;
@@ -76,15 +76,64 @@ mdd_open_listen_socket(void)
 	}
 	freeaddrinfo(res);
 
-	if (mdd_listen_fd < 0)
+	if (listen_fd < 0)
 	{
 		errno = last_errno;
 		ereport(LOG,
-				(errmsg("mdd: DICOM service off: cannot listen on %s:%d: %m",
-						mdd_dicom_listen_address, mdd_dicom_port),
-				 errhint("Free the port or set mdd.dicom_port to another one, then restart the server.")));
+				(errmsg("mdd: %s off: cannot listen on %s:%d: %m",
+						what, mdd_dicom_listen_address, portnum),
+				 errhint("Free the port or set %s to another one, then restart the server.",
+						 setting)));
 	}
-	else
+	return listen_fd;
+}
+
+/*
+ * The TLS port (mdd.dicom_tls_port), when its settings make a usable TLS
+ * layer; the same listener workers serve it.
+ */
+static void
+open_tls_port(void)
+{
+	const MddTlsSettings *tls = mdd_tls_settings();
+	char		errbuf[512];
+
+	if (mdd_dicom_tls_port == 0)
+		return;
+	if (mdd_dicom_tls_port == mdd_dicom_port)
+	{
+		ereport(LOG,
+				(errmsg("mdd: DICOM TLS service off: mdd.dicom_tls_port is the plain DICOM port %d",
+						mdd_dicom_port),
+				 errhint("Give the TLS service a port of its own, then restart the server.")));
+		return;
+	}
+	if (mdd_dicom_tls_check(tls, 1, errbuf, sizeof(errbuf)) != MDD_DICOM_OK)
+	{
+		ereport(LOG,
+				(errmsg("mdd: DICOM TLS service off: %s", errbuf),
+				 errhint("Correct the mdd.dicom_tls_* settings, then restart the server. Plain DICOM is not affected.")));
+		return;
+	}
+	mdd_tls_listen_fd = open_port(mdd_dicom_tls_port, "DICOM TLS service", "mdd.dicom_tls_port");
+	if (mdd_tls_listen_fd >= 0)
+		ereport(LOG,
+				(errmsg("mdd: DICOM TLS service listening on %s:%d as AE title \"%s\" (profile %s, client certificates %s)",
+						mdd_dicom_listen_address, mdd_dicom_tls_port, mdd_ae_title, tls->profile,
+						tls->require_client_certificate ? "required" : "optional")));
+}
+
+void
+mdd_open_listen_socket(void)
+{
+	open_tls_port();
+	if (mdd_dicom_port == 0)
+	{
+		ereport(LOG, (errmsg("mdd: DICOM service off (mdd.dicom_port = 0)")));
+		return;
+	}
+	mdd_listen_fd = open_port(mdd_dicom_port, "DICOM service", "mdd.dicom_port");
+	if (mdd_listen_fd >= 0)
 		ereport(LOG,
 				(errmsg("mdd: DICOM service listening on %s:%d as AE title \"%s\"",
 						mdd_dicom_listen_address, mdd_dicom_port, mdd_ae_title)));

@@ -41,6 +41,7 @@
 #include "utils/timestamp.h"
 
 #include "../extension/dicom.h"
+#include "../extension/tls.h"
 #include "workers.h"
 
 /* what the callbacks know about the association being served */
@@ -116,6 +117,7 @@ typedef struct AdmitWork
 {
 	const char *calling_ae;
 	const char *called_ae;
+	const char *transport;		/* NULL: plain TCP */
 	int			permits;
 	char	   *reason;
 	size_t		reason_len;
@@ -125,14 +127,16 @@ static void
 admit_work(Peer *peer, void *ctx)
 {
 	AdmitWork  *w = (AdmitWork *) ctx;
-	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[3];
+	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', w->transport ? ' ' : 'n'};
 	bool		isnull;
 
 	values[0] = mdd_wire_text_datum(w->calling_ae);
 	values[1] = mdd_wire_text_datum(w->called_ae);
 	values[2] = mdd_wire_text_datum(peer->host);	/* what the socket says */
-	run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3)", 3, types, values, NULL);
+	values[3] = w->transport ? mdd_wire_text_datum(w->transport) : (Datum) 0;
+	run_sql("SELECT permits, reason FROM mdd._dicom_admit($1, $2, $3, $4)", 4, types, values, nulls);
 	if (SPI_processed == 1)
 	{
 		Datum		p = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -146,10 +150,10 @@ admit_work(Peer *peer, void *ctx)
 
 static int
 admit_callback(void *arg, const char *calling_ae, const char *called_ae,
-			   const char *peer_host, char *reason, size_t reason_len)
+			   const char *peer_host, const char *transport, char *reason, size_t reason_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	AdmitWork	w = {calling_ae, called_ae, 0, reason, reason_len};
+	AdmitWork	w = {calling_ae, called_ae, transport, 0, reason, reason_len};
 	ErrorData  *edata;
 
 	strlcpy(peer->calling_ae, calling_ae, sizeof(peer->calling_ae));
@@ -520,6 +524,7 @@ typedef struct DestinationWork
 	char	   *host;
 	size_t		host_len;
 	int		   *port;
+	int		   *tls;
 } DestinationWork;
 
 static void
@@ -531,18 +536,19 @@ destination_work(Peer *peer, void *ctx)
 	bool		isnull;
 
 	values[0] = mdd_wire_text_datum(w->ae_title);
-	run_sql("SELECT host, port FROM mdd._dicom_destination($1)", 1, types, values, NULL);
+	run_sql("SELECT host, port, tls FROM mdd._dicom_destination($1)", 1, types, values, NULL);
 	strlcpy(w->host, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), w->host_len);
 	*w->port = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	*w->tls = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)) && !isnull;
 }
 
 /* C-MOVE: where the destination listens (a registered node) */
 static unsigned short
 destination_callback(void *arg, const char *ae_title, char *host, size_t host_len, int *port,
-					 char *comment, size_t comment_len)
+					 int *tls, char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	DestinationWork w = {ae_title, host, host_len, port};
+	DestinationWork w = {ae_title, host, host_len, port, tls};
 	ErrorData  *edata = run_in_transaction(peer, "DICOM C-MOVE", destination_work, &w);
 	unsigned short status = 0x0000;
 
@@ -690,9 +696,9 @@ peer_address(int fd, char *buf, size_t len)
 		(void) getnameinfo((struct sockaddr *) &addr, alen, buf, len, NULL, 0, NI_NUMERICHOST);
 }
 
-/* serve one accepted connection */
+/* serve one accepted connection (of the TLS port when tls) */
 static void
-serve_connection(int fd, Peer *peer)
+serve_connection(int fd, Peer *peer, bool tls)
 {
 	MddDicomServerConfig config;
 	MddDicomCallbacks callbacks;
@@ -715,6 +721,8 @@ serve_connection(int fd, Peer *peer)
 	config.max_pdu = mdd_dicom_max_pdu;
 	config.acse_timeout = mdd_dicom_acse_timeout;
 	config.dimse_timeout = mdd_dicom_dimse_timeout;
+	config.tls = tls ? mdd_tls_settings() : NULL;
+	config.client_tls = mdd_tls_settings();
 	callbacks.arg = peer;
 	callbacks.admit = admit_callback;
 	callbacks.store = store_callback;
@@ -767,8 +775,8 @@ serve_connection(int fd, Peer *peer)
 	mdd_connection_fd = -1;
 	if (status != MDD_DICOM_OK && peer->calling_ae[0] == '\0')
 		ereport(LOG,
-				(errmsg("mdd dicom listener %d: connection from %s closed: %s",
-						peer->listener, peer->host, errbuf)));
+				(errmsg("mdd dicom listener %d: connection from %s%s closed: %s",
+						peer->listener, peer->host, tls ? " to the TLS port" : "", errbuf)));
 	else if (status != MDD_DICOM_OK)
 		ereport(LOG,
 				(errmsg("mdd dicom listener %d: association from \"%s\" at %s ended: %s",
@@ -789,6 +797,8 @@ void
 mdd_listener_main(Datum arg)
 {
 	Peer		peer;
+	WaitEventSet *events;
+	int			sockets = 0;
 
 	memset(&peer, 0, sizeof(peer));
 	peer.listener = DatumGetInt32(arg);
@@ -798,7 +808,7 @@ mdd_listener_main(Datum arg)
 	peer.scratch = AllocSetContextCreate(TopMemoryContext, "mdd listener scratch",
 										 ALLOCSET_DEFAULT_SIZES);
 
-	if (mdd_listen_fd < 0)
+	if (mdd_listen_fd < 0 && mdd_tls_listen_fd < 0)
 	{
 		ereport(LOG, (errmsg("mdd dicom listener %d: no listening socket, exiting",
 							 peer.listener)));
@@ -806,23 +816,35 @@ mdd_listener_main(Datum arg)
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 
+	/* wait on the plain port and the TLS port, whichever there is */
+	events = CreateWaitEventSet(TopMemoryContext, 4);
+	AddWaitEventToSet(events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	if (mdd_listen_fd >= 0)
+		AddWaitEventToSet(events, WL_SOCKET_READABLE, mdd_listen_fd, NULL, &mdd_listen_fd);
+	if (mdd_tls_listen_fd >= 0)
+		AddWaitEventToSet(events, WL_SOCKET_READABLE, mdd_tls_listen_fd, NULL, &mdd_tls_listen_fd);
+	sockets = (mdd_listen_fd >= 0) + (mdd_tls_listen_fd >= 0);
+
 	while (!mdd_got_sigterm)
 	{
-		int			rc;
+		WaitEvent	occurred[3];
+		int			n;
 
-		rc = WaitLatchOrSocket(MyLatch,
-							   WL_LATCH_SET | WL_SOCKET_READABLE | WL_EXIT_ON_PM_DEATH,
-							   mdd_listen_fd, -1, PG_WAIT_EXTENSION);
+		n = WaitEventSetWait(events, -1, occurred, 1 + sockets, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		mdd_worker_reload_if_asked();
 
-		if (mdd_got_sigterm)
-			break;
-		if (rc & WL_SOCKET_READABLE)
+		for (int i = 0; i < n && !mdd_got_sigterm; i++)
 		{
-			int			fd = accept(mdd_listen_fd, NULL, NULL);
+			int			listen_fd;
+			int			fd;
 
+			if (!(occurred[i].events & WL_SOCKET_READABLE))
+				continue;
+			listen_fd = *(int *) occurred[i].user_data;
+			fd = accept(listen_fd, NULL, NULL);
 			if (fd < 0)
 			{
 				if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
@@ -832,7 +854,7 @@ mdd_listener_main(Datum arg)
 							 errmsg("mdd dicom listener %d: accept failed: %m", peer.listener)));
 				continue;
 			}
-			serve_connection(fd, &peer);
+			serve_connection(fd, &peer, listen_fd == mdd_tls_listen_fd);
 		}
 	}
 	proc_exit(0);

@@ -30,6 +30,7 @@ extern int	mdd_find_timeout;
 
 /* listen_socket.c: the DICOM port, opened by the postmaster */
 extern int	mdd_listen_fd;
+extern int	mdd_tls_listen_fd;	/* the TLS port, or -1 */
 extern void mdd_open_listen_socket(void);
 
 /* launcher.c */

@@ -17,6 +17,7 @@
 
 #include "dicom.h"
 #include "mdd.h"
+#include "tls.h"
 #include "../bgworker/workers.h"
 
 PG_FUNCTION_INFO_V1(mdd_commit_report_sql);
@@ -24,7 +25,8 @@ PG_FUNCTION_INFO_V1(mdd_commit_report_sql);
 /*
  * mdd._commit_report(ae_title text, host text, port integer,
  *					  transaction_uid text, sop_classes text[],
- *					  sop_instances text[], reasons integer[]) RETURNS void
+ *					  sop_instances text[], reasons integer[],
+ *					  tls boolean DEFAULT false) RETURNS void
  *
  * Send the report from mdd.ae_title: reasons[i] 0 for an instance
  * committed, else its Failure Reason.  A node that cannot be reached, or
@@ -67,6 +69,7 @@ mdd_commit_report_sql(PG_FUNCTION_ARGS)
 									 text_to_cstring(PG_GETARG_TEXT_PP(1)),
 									 PG_GETARG_INT32(2),
 									 mdd_dicom_acse_timeout,
+									 mdd_tls_if(PG_NARGS() > 7 && !PG_ARGISNULL(7) && PG_GETARG_BOOL(7)),
 									 text_to_cstring(PG_GETARG_TEXT_PP(3)),
 									 (const char *const *) classes,
 									 (const char *const *) instances,

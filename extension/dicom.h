@@ -105,12 +105,35 @@ typedef struct MddRetrieveList
 	char	   *strings;		/* free(): the text items point into */
 } MddRetrieveList;
 
+/*
+ * DICOM over TLS (dicom_tls.cpp): the files and profile of mdd.dicom_tls_*.
+ * Where a config below has a tls member, NULL means plain TCP.
+ */
+typedef struct MddTlsSettings
+{
+	const char *cert_file;		/* PEM certificate mdd shows; may be empty */
+	const char *key_file;		/* its PEM key, not encrypted */
+	const char *ca_file;		/* PEM certificates peers must chain to */
+	const char *profile;		/* bcp195-nd, bcp195 or bcp195-extended */
+	int			require_client_certificate; /* listener: refuse clients without */
+} MddTlsSettings;
+
+/*
+ * Whether the settings make a usable TLS layer (server: for the TLS port,
+ * else for calling nodes): MDD_DICOM_OK, or MDD_DICOM_INVALID with the
+ * reason.
+ */
+extern MddDicomStatus mdd_dicom_tls_check(const MddTlsSettings *settings, int server,
+										  char *errbuf, size_t errbuf_len);
+
 typedef struct MddDicomServerConfig
 {
 	const char *ae_title;		/* our AE title; a peer calling another is refused */
 	int			max_pdu;		/* largest PDU we receive, bytes */
 	int			acse_timeout;	/* seconds for association negotiation */
 	int			dimse_timeout;	/* seconds a peer may stay silent */
+	const MddTlsSettings *tls;	/* the connection is of the TLS port */
+	const MddTlsSettings *client_tls;	/* for C-MOVE destinations that use TLS */
 } MddDicomServerConfig;
 
 /*
@@ -127,7 +150,8 @@ typedef struct MddDicomCallbacks
 	 * other value is the MDD_PERMIT_* bits granted.
 	 */
 	int			(*admit) (void *arg, const char *calling_ae, const char *called_ae,
-						  const char *peer_host, char *reason, size_t reason_len);
+						  const char *peer_host, const char *transport,
+						  char *reason, size_t reason_len);
 
 	/*
 	 * Archive one received object (a Part 10 file built around the data set
@@ -159,11 +183,12 @@ typedef struct MddDicomCallbacks
 								char *comment, size_t comment_len);
 
 	/*
-	 * Where a C-MOVE destination listens: 0 with host and port filled, or
+	 * Where a C-MOVE destination listens: 0 with host and port filled (and
+	 * *tls true when it is called over TLS), or
 	 * the DIMSE failure status (0xA801 for an AE that is no known node).
 	 */
 	unsigned short (*destination) (void *arg, const char *ae_title, char *host,
-								   size_t host_len, int *port,
+								   size_t host_len, int *port, int *tls,
 								   char *comment, size_t comment_len);
 
 	/*
@@ -211,16 +236,18 @@ extern MddDicomStatus mdd_dicom_serve(int fd, const MddDicomServerConfig *config
 									  char *errbuf, size_t errbuf_len);
 
 /*
- * C-ECHO as SCU: open an association from our_ae to peer_ae at host:port,
- * verify, release.  MDD_DICOM_OK when the peer answered success.
+ * C-ECHO as SCU: open an association from our_ae to peer_ae at host:port
+ * (over TLS when tls is not NULL), verify, release.  MDD_DICOM_OK when the
+ * peer answered success.
  */
 extern MddDicomStatus mdd_dicom_echo(const char *our_ae, const char *peer_ae,
 									 const char *host, int port, int timeout,
-									 char *errbuf, size_t errbuf_len);
+									 const MddTlsSettings *tls, char *errbuf, size_t errbuf_len);
 
 /*
  * The N-EVENT-REPORT of a Storage Commitment transaction (dicom_commit.cpp),
- * on an association from our_ae to peer_ae at host:port in which mdd is the
+ * on an association from our_ae to peer_ae at host:port (TLS unless tls is
+ * NULL) in which mdd is the
  * SCP of the Storage Commitment Push Model: reasons[i] is 0 for an
  * instance committed, else its Failure Reason.  MDD_DICOM_OK once the peer
  * answered success; MDD_DICOM_NETWORK when it could not be reached or the
@@ -228,6 +255,7 @@ extern MddDicomStatus mdd_dicom_echo(const char *our_ae, const char *peer_ae,
  */
 extern MddDicomStatus mdd_dicom_commit_report(const char *our_ae, const char *peer_ae,
 											  const char *host, int port, int timeout,
+											  const MddTlsSettings *tls,
 											  const char *transaction_uid,
 											  const char *const *classes,
 											  const char *const *instances,
@@ -253,6 +281,7 @@ typedef struct MddDicomSenderConfig
 	int			dimse_timeout;	/* seconds to wait for each answer */
 	void	   *arg;
 	int			(*should_stop) (void *arg);	/* true: stop waiting at once */
+	const MddTlsSettings *tls;
 } MddDicomSenderConfig;
 
 /*
@@ -324,6 +353,7 @@ typedef struct MddDicomFinderConfig
 	 * be NULL.  Async-signal-safe code only: it runs inside DCMTK.
 	 */
 	void		(*on_socket) (void *arg, int fd);
+	const MddTlsSettings *tls;
 } MddDicomFinderConfig;
 
 /*
@@ -379,6 +409,7 @@ typedef struct MddFetchPeer
 	int			port;
 	int			acse_timeout;	/* seconds to connect and negotiate */
 	int			dimse_timeout;	/* seconds the peer may stay silent */
+	const MddTlsSettings *tls;
 } MddFetchPeer;
 
 /* how far a C-MOVE or C-GET has come, for the progress callback */

@@ -158,7 +158,7 @@ mddHandleCommitAction(MddServedAssociation &sa, T_ASC_PresentationContextID pres
  */
 extern "C" MddDicomStatus
 mdd_dicom_commit_report(const char *our_ae, const char *peer_ae, const char *host, int port,
-						int timeout, const char *transaction_uid,
+						int timeout, const MddTlsSettings *tls, const char *transaction_uid,
 						const char *const *classes, const char *const *instances,
 						const int *reasons, int n, char *errbuf, size_t errbuf_len)
 {
@@ -205,6 +205,7 @@ mdd_dicom_commit_report(const char *our_ae, const char *peer_ae, const char *hos
 		commitment.transferSyntaxes.assign(mddUncompressedTransferSyntaxes,
 										   mddUncompressedTransferSyntaxes + 3);
 		commitment.role = ASC_SC_ROLE_SCP;
+		a.useTls(tls);
 		if (!a.open(our_ae, peer_ae, host, port, timeout, {commitment}, error))
 		{
 			mddSetError(errbuf, errbuf_len, error);

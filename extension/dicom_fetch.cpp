@@ -153,6 +153,7 @@ public:
 	bool open(const std::vector<MddProposedContext> &contexts, std::string &error)
 	{
 		a_.observeSocket(socketHook, this);
+		a_.useTls(peer_->tls);
 		return a_.open(peer_->our_ae, peer_->peer_ae, peer_->host, peer_->port,
 					   peer_->acse_timeout, contexts, error);
 	}

@@ -187,6 +187,7 @@ mdd_dicom_finder_open(const MddDicomFinderConfig *config, MddDicomFinder **finde
 		find.transferSyntaxes = {UID_LittleEndianExplicitTransferSyntax,
 		UID_LittleEndianImplicitTransferSyntax};
 		f->association.observeSocket(observeSocket, f.get());
+		f->association.useTls(config->tls);
 		if (!f->association.open(config->our_ae, config->peer_ae, config->host, config->port,
 								 timeout, {find}, error))
 		{

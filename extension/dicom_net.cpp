@@ -19,6 +19,7 @@
 #include "dicom_json.hpp"
 #include "dicom_scu.hpp"
 #include "dicom_service.hpp"
+#include "dicom_tls.hpp"
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
@@ -495,7 +496,22 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 	 * timeout (ASC_receiveAssociation below).
 	 */
 	cond = ASC_initializeNetwork(NET_ACCEPTOR, 0, 1, &net);
-	if (cond.good())
+	if (cond.good() && config->tls)
+	{
+		/* the TLS port: DCMTK's TLS layer (dicom_tls.cpp) */
+		std::string error;
+		DcmTransportLayer *layer = mddNewTlsLayer(true, config->tls, nullptr, error);
+
+		if (layer == NULL)
+		{
+			dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+			ASC_dropNetwork(&net);
+			mddSetError(errbuf, errbuf_len, "cannot use the TLS settings: " + error);
+			return MDD_DICOM_NETWORK;
+		}
+		cond = ASC_setTransportLayer(net, layer, 1);
+	}
+	else if (cond.good())
 		cond = ASC_setTransportLayer(net, mddNewCheckedLayer(config->max_pdu,
 															 std::min(config->acse_timeout,
 																	  config->dimse_timeout)), 1);
@@ -514,7 +530,9 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 		cond = DUL_ILLEGALPDU;
 	if (cond.bad())
 	{
-		mddSetError(errbuf, errbuf_len, std::string("association request failed: ") + cond.text());
+		std::string text = std::string("association request failed: ") + cond.text();
+
+		mddSetError(errbuf, errbuf_len, config->tls ? mddTlsErrorText(text) : text);
 		result = MDD_DICOM_NETWORK;
 		if (assoc)
 			ASC_dropAssociation(assoc);
@@ -544,8 +562,13 @@ serve(int fd, const MddDicomServerConfig *config, const MddDicomCallbacks *cb,
 			permits = 0;
 		}
 		else
+		{
+			std::string transport = config->tls ? "TLS " + mddTlsLastHandshake() : "";
+
 			permits = cb->admit(cb->arg, calling.c_str(), called.c_str(), peerHost,
+								config->tls ? transport.c_str() : NULL,
 								reason, sizeof(reason));
+		}
 		if (permits == 0 && cb->log && theirMax != 0 && theirMax < MDD_MIN_PEER_PDU)
 			cb->log(cb->arg, MDD_LOG_WARNING, (std::string("refused association from ") +
 											   calling + ": " + reason).c_str());

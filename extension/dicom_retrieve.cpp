@@ -296,6 +296,7 @@ Retrieval::run(const std::string &destination)
 	char		comment[256] = "";
 	char		host[256] = "";
 	int			port = 0;
+	int			destinationTls = 0;
 	DIC_US		status;
 	OFCondition cond;
 
@@ -321,7 +322,7 @@ Retrieval::run(const std::string &destination)
 	if (!isGet_)
 	{
 		status = sa_.cb->destination(sa_.cb->arg, destination.c_str(), host, sizeof(host), &port,
-									 comment, sizeof(comment));
+									 &destinationTls, comment, sizeof(comment));
 		if (status != STATUS_Success)
 			return refuse(status, comment);
 	}
@@ -343,6 +344,8 @@ Retrieval::run(const std::string &destination)
 		MddScuAssociation target;
 		std::string error;
 
+		if (destinationTls)
+			target.useTls(sa_.config->client_tls);
 		if (!target.open(sa_.config->ae_title, destination, host, port,
 						 sa_.config->acse_timeout, contextsFor(list), error))
 		{

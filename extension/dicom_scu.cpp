@@ -14,6 +14,7 @@
 #include "dicom_common.hpp"
 #include "dicom_service.hpp"
 #include "dicom_stream.hpp"
+#include "dicom_tls.hpp"
 
 #include <dcmtk/dcmdata/dctk.h>
 #include <dcmtk/dcmnet/dcmlayer.h>
@@ -147,7 +148,24 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 	cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout, &net_);
 	if (cond.good())
 		cond = ASC_createAssociationParameters(&params_, ASC_DEFAULTMAXPDU);
-	if (cond.good() && observer_)
+	if (cond.good() && tls_)
+	{
+		DcmTransportLayer *layer = mddNewTlsLayer(false, tls_, [this](int fd) {
+			fd_ = fd;
+			if (observer_)
+				observer_(observerArg_, fd);
+		}, error);
+
+		if (layer == NULL)
+		{
+			error = "cannot use the TLS settings: " + error;
+			return false;
+		}
+		cond = ASC_setTransportLayer(net_, layer, 1);
+		if (cond.good())
+			cond = ASC_setTransportLayerType(params_, OFTrue);
+	}
+	else if (cond.good() && observer_)
 		cond = ASC_setTransportLayer(net_, new MddObservedTransportLayer(this), 1);
 	if (cond.bad())
 	{
@@ -184,6 +202,9 @@ MddScuAssociation::open(const std::string &ourAE, const std::string &peerAE,
 			error = peerAE + " at " + address + " rejected the association" +
 				(why.empty() ? "" : " (" + why + ")");
 		}
+		else if (tls_)
+			error = mddTlsErrorText("cannot associate over TLS with " + peerAE + " at " +
+									address + ": " + cond.text());
 		else
 			error = "cannot associate with " + peerAE + " at " + address + ": " + cond.text();
 		if (assoc_)
@@ -246,7 +267,7 @@ mddStoreResponse(const T_DIMSE_C_StoreRQ &req)
 
 extern "C" MddDicomStatus
 mdd_dicom_echo(const char *our_ae, const char *peer_ae, const char *host, int port,
-			   int timeout, char *errbuf, size_t errbuf_len)
+			   int timeout, const MddTlsSettings *tls, char *errbuf, size_t errbuf_len)
 {
 	mddSetError(errbuf, errbuf_len, "");
 	try
@@ -258,6 +279,7 @@ mdd_dicom_echo(const char *our_ae, const char *peer_ae, const char *host, int po
 		DcmDataset *detail = NULL;
 		OFCondition cond;
 
+		a.useTls(tls);
 		verification.abstractSyntax = UID_VerificationSOPClass;
 		verification.transferSyntaxes.assign(mddUncompressedTransferSyntaxes,
 											 mddUncompressedTransferSyntaxes + 3);

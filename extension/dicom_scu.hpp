@@ -55,6 +55,9 @@ public:
 		observerArg_ = arg;
 	}
 
+	/* before open: request it over TLS with these settings (NULL: plain TCP) */
+	void		useTls(const MddTlsSettings *settings) { tls_ = settings; }
+
 	/* request an association; false with a reason in error */
 	bool		open(const std::string &ourAE, const std::string &peerAE,
 					 const std::string &host, int port, int timeout,
@@ -85,6 +88,7 @@ private:
 	MddSocketObserver observer_ = NULL;
 	void	   *observerArg_ = NULL;
 	int			fd_ = -1;
+	const MddTlsSettings *tls_ = NULL;
 
 	friend class MddObservedTransportLayer;
 };

@@ -46,6 +46,7 @@ mdd_dicom_sender_open(const MddDicomSenderConfig *config, const char *const *cla
 		s->dimseTimeout = config->dimse_timeout;
 		s->nextMessageID = 1;
 		s->broken = false;
+		s->association.useTls(config->tls);
 		if (!s->association.open(config->our_ae, config->peer_ae, config->host, config->port,
 								 config->acse_timeout, mddStoreContexts(objects), error))
 		{

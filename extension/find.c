@@ -394,7 +394,8 @@ find_local(ReturnSetInfo *rsinfo, Datum *filters, bool *filter_nulls, const char
  *                    study_date text, modality text, study_instance_uid text,
  *                    accession_number text, local boolean,
  *                    names text[], ae_titles text[], hosts text[],
- *                    ports integer[], timeouts_ms integer[], timeout_ms integer)
+ *                    ports integer[], timeouts_ms integer[], timeout_ms integer,
+ *                    tls boolean[] DEFAULT NULL)
  *   RETURNS SETOF (the columns of mdd.find)
  *
  * The local matches (when local) and every node's, queried at the same
@@ -416,6 +417,7 @@ mdd_find_spanning_sql(PG_FUNCTION_ARGS)
 	Datum	   *hosts = NULL;
 	Datum	   *ports = NULL;
 	Datum	   *timeouts = NULL;
+	Datum	   *tls = NULL;
 	int			nnodes = 0;
 	int			timeout_ms;
 	TimestampTz start;
@@ -456,6 +458,11 @@ mdd_find_spanning_sql(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("the node arrays of mdd._find_spanning differ in length")));
 	timeout_ms = PG_GETARG_INT32(13);
+	if (PG_NARGS() > 14 && !PG_ARGISNULL(14) &&
+		array_elements(PG_GETARG_ARRAYTYPE_P(14), BOOLOID, "TLS flags", &tls) != nnodes)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("the node arrays of mdd._find_spanning differ in length")));
 	if (timeout_ms <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -505,6 +512,7 @@ mdd_find_spanning_sql(PG_FUNCTION_ARGS)
 			copy_bounded(n->host, sizeof(n->host), TextDatumGetCString(hosts[i]), "host");
 			n->port = DatumGetInt32(ports[i]);
 			n->timeout_ms = Max(1, Min(DatumGetInt32(timeouts[i]), timeout_ms));
+			n->tls = tls != NULL && DatumGetBool(tls[i]);
 		}
 		shm_toc_insert(toc, MDD_FIND_KEY_QUERY, query);
 

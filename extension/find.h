@@ -64,6 +64,7 @@ typedef struct MddFindNode
 	char		host[256];
 	int			port;
 	int			timeout_ms;
+	bool		tls;			/* the node's tls option */
 } MddFindNode;
 
 /* the query, at MDD_FIND_KEY_QUERY */

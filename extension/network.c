@@ -14,12 +14,13 @@
 
 #include "dicom.h"
 #include "mdd.h"
+#include "tls.h"
 #include "../bgworker/workers.h"
 
 PG_FUNCTION_INFO_V1(mdd_echo_sql);
 
 /*
- * mdd._echo(ae_title text, host text, port int, timeout int) RETURNS text
+ * mdd._echo(ae_title text, host text, port int, timeout int, tls bool) RETURNS text
  *
  * C-ECHO from mdd.ae_title to a peer: NULL when it answered success,
  * otherwise why not.
@@ -39,6 +40,7 @@ mdd_echo_sql(PG_FUNCTION_ARGS)
 							text_to_cstring(PG_GETARG_TEXT_PP(1)),
 							PG_GETARG_INT32(2),
 							PG_ARGISNULL(3) ? 10 : PG_GETARG_INT32(3),
+							mdd_tls_if(PG_NARGS() > 4 && !PG_ARGISNULL(4) && PG_GETARG_BOOL(4)),
 							errbuf, sizeof(errbuf));
 	CHECK_FOR_INTERRUPTS();
 	if (status == MDD_DICOM_OK)

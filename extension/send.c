@@ -27,6 +27,7 @@
 
 #include "dicom.h"
 #include "mdd.h"
+#include "tls.h"
 #include "../bgworker/workers.h"
 
 PG_FUNCTION_INFO_V1(mdd_send_open_sql);
@@ -97,7 +98,8 @@ mdd_text_array_strings(ArrayType *array, const char *what, char ***out)
 
 /*
  * mdd._send_open(ae_title text, host text, port integer,
- *				  sop_classes text[], transfer_syntaxes text[]) RETURNS text
+ *				  sop_classes text[], transfer_syntaxes text[],
+ *				  tls boolean DEFAULT false) RETURNS text
  *
  * Open the association of a send step from mdd.ae_title to the node,
  * proposing each SOP class in the transfer syntaxes its objects are stored
@@ -158,6 +160,7 @@ mdd_send_open_sql(PG_FUNCTION_ARGS)
 	config.dimse_timeout = mdd_dicom_dimse_timeout;
 	config.arg = NULL;
 	config.should_stop = send_should_stop;
+	config.tls = mdd_tls_if(PG_NARGS() > 5 && !PG_ARGISNULL(5) && PG_GETARG_BOOL(5));
 	status = mdd_dicom_sender_open(&config, (const char *const *) classes,
 								   (const char *const *) syntaxes, nclasses, &sender,
 								   errbuf, sizeof(errbuf));

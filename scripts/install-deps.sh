@@ -9,7 +9,7 @@ packages=(
 	libdcmtk-dev dcmtk orthanc orthanc-postgresql curl
 	python3-pydicom python3-numpy python3-psycopg2
 	clang libclang-rt-14-dev
-	libcurl4-openssl-dev libzstd-dev zstd openssl
+	libcurl4-openssl-dev libzstd-dev zstd openssl libssl-dev
 	libmicrohttpd-dev
 	nginx libnginx-mod-http-dav-ext
 )

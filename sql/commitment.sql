@@ -68,7 +68,8 @@ $$;
 
 -- The report, sent by C (extension/commit.c, dicom_commit.cpp).
 CREATE FUNCTION mdd._commit_report(ae_title text, host text, port integer, transaction_uid text,
-								   sop_classes text[], sop_instances text[], reasons integer[])
+								   sop_classes text[], sop_instances text[], reasons integer[],
+								   tls boolean DEFAULT false)
 RETURNS void
 	AS 'MODULE_PATHNAME', 'mdd_commit_report_sql' LANGUAGE C VOLATILE;
 
@@ -95,7 +96,7 @@ BEGIN
 	PERFORM mdd._commit_report(n.ae_title, n.host, n.port, j.options->>'transaction_uid',
 							   ARRAY(SELECT jsonb_array_elements_text(j.options->'sop_classes')),
 							   ARRAY(SELECT jsonb_array_elements_text(j.options->'sop_instances')),
-							   reasons);
+							   reasons, coalesce((n.options->>'tls')::boolean, false));
 	UPDATE mdd.job x SET done = x.total, attempts = 0, error = NULL WHERE x.id = j.id;
 	PERFORM mdd._job_end(j, format('transaction %s reported to node %s: %s instances committed, %s not',
 								   j.options->>'transaction_uid', n.name, cardinality(reasons) - missing,

@@ -302,7 +302,7 @@ $$;
 CREATE FUNCTION mdd._fetch_plan(job bigint, OUT operation text, OUT ae_title text, OUT host text,
 								OUT port integer, OUT destination text, OUT levels text[],
 								OUT studies text[], OUT series text[], OUT instances text[],
-								OUT classes text[])
+								OUT classes text[], OUT tls boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -327,6 +327,7 @@ BEGIN
 	ae_title := n.ae_title;
 	host := n.host;
 	port := n.port;
+	tls := coalesce((n.options->>'tls')::boolean, false);
 	study := j.request->>'study';
 	IF NOT j.request ? 'listed' THEN
 		operation := 'list';

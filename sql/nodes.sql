@@ -78,11 +78,17 @@ BEGIN
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
 	FROM jsonb_object_keys(options) k
-	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by');
+	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by', 'tls');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
 			USING ERRCODE = '22023',
-				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout" and "retrieve_by".';
+				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout", "retrieve_by" and "tls".';
+	END IF;
+	-- tls: every association mdd requests of the node is DICOM over TLS, and
+	-- the node's own are accepted on the TLS port only (docs/admin.md)
+	IF options ? 'tls' AND jsonb_typeof(options->'tls') <> 'boolean' THEN
+		RAISE EXCEPTION 'invalid node option "tls": %', options->'tls'
+			USING ERRCODE = '22023', HINT = 'It is true (DICOM over TLS with this node) or false.';
 	END IF;
 	IF options ? 'retrieve_by' AND coalesce(options->>'retrieve_by', '') NOT IN ('move', 'get') THEN
 		RAISE EXCEPTION 'invalid node option "retrieve_by"'
@@ -191,10 +197,12 @@ CREATE VIEW mdd.nodes AS
 SELECT name, ae_title, host, port, may_store, may_query, may_retrieve, may_send, created_at,
 	   host IS NOT NULL AND port IS NOT NULL AND coalesce((options->>'find')::boolean, true) AS may_find,
 	   make_interval(secs => (options->>'find_timeout')::double precision) AS find_timeout,
-	   retrieve_by
+	   retrieve_by,
+	   coalesce((options->>'tls')::boolean, false) AS tls
 FROM mdd.node;
 
-CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer) RETURNS text
+CREATE FUNCTION mdd._echo(ae_title text, host text, port integer, timeout integer,
+						  tls boolean DEFAULT false) RETURNS text
 	AS 'MODULE_PATHNAME', 'mdd_echo_sql' LANGUAGE C VOLATILE;
 
 CREATE FUNCTION mdd.echo(node text) RETURNS boolean
@@ -207,9 +215,10 @@ BEGIN
 	IF n.host IS NULL OR n.port IS NULL THEN
 		RAISE EXCEPTION 'node "%" has no host and port to call', n.name USING ERRCODE = '22023';
 	END IF;
-	failure := mdd._echo(n.ae_title, n.host, n.port, 10);
+	failure := mdd._echo(n.ae_title, n.host, n.port, 10, coalesce((n.options->>'tls')::boolean, false));
 	PERFORM mdd._audit('echo', NULL, NULL,
-					   format('%s (%s at %s:%s): %s', n.name, n.ae_title, n.host, n.port,
+					   format('%s (%s at %s:%s%s): %s', n.name, n.ae_title, n.host, n.port,
+							  CASE WHEN (n.options->>'tls')::boolean THEN ', TLS' ELSE '' END,
 							  coalesce(failure, 'success')));
 	IF failure IS NOT NULL THEN
 		RAISE NOTICE 'C-ECHO to node "%" failed: %', n.name, failure;
@@ -219,8 +228,11 @@ END;
 $$;
 
 -- Whether an association request is accepted, and what the peer may do.
--- Called by the DICOM listeners; writes the audit trail.
+-- Called by the DICOM listeners; writes the audit trail.  transport: NULL
+-- on the plain port, else what the TLS handshake agreed on (protocol,
+-- cipher suite, client certificate), which the audit row records.
 CREATE FUNCTION mdd._dicom_admit(calling_ae text, called_ae text, peer text,
+								 transport text DEFAULT NULL,
 								 OUT permits integer, OUT reason text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -238,7 +250,10 @@ BEGIN
 			   OR (x.host = 'localhost' AND peer IN ('127.0.0.1', '::1')))
 		ORDER BY x.host IS NULL, x.id
 		LIMIT 1;
-		IF FOUND THEN
+		IF FOUND AND transport IS NULL AND coalesce((n.options->>'tls')::boolean, false) THEN
+			-- a node that uses TLS is not taken at its word over plain TCP
+			reason := format('node %s uses TLS: it must associate on the TLS port', n.name);
+		ELSIF FOUND THEN
 			permits := 1 | CASE WHEN n.may_store THEN 2 ELSE 0 END
 						 | CASE WHEN n.may_query THEN 4 ELSE 0 END
 						 | CASE WHEN n.may_retrieve THEN 8 ELSE 0 END;
@@ -256,7 +271,8 @@ BEGIN
 	END IF;
 	INSERT INTO mdd.audit (role, action, detail, client)
 	VALUES (mdd._caller(), CASE WHEN permits = 0 THEN 'refuse' ELSE 'associate' END,
-			format('%s -> %s: %s', calling_ae, called_ae, reason),
+			format('%s -> %s: %s', calling_ae, called_ae, reason)
+				|| coalesce(' (over ' || transport || ')', ''),
 			format('%s@%s', calling_ae, peer));
 END;
 $$;

@@ -4,7 +4,8 @@
 -- registered node with a host and port that mdd may send to, whatever
 -- mdd.accept_unknown_nodes says: an archive sends patient data only to
 -- places it was told about.
-CREATE FUNCTION mdd._dicom_destination(ae_title text, OUT host text, OUT port integer)
+CREATE FUNCTION mdd._dicom_destination(ae_title text, OUT host text, OUT port integer,
+										OUT tls boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -23,6 +24,7 @@ BEGIN
 	END IF;
 	host := n.host;
 	port := n.port;
+	tls := coalesce((n.options->>'tls')::boolean, false);
 END;
 $$;
 

@@ -95,7 +95,7 @@ COMMENT ON FUNCTION mdd.send(bigint[], text, boolean) IS
 	'Queue a job sending objects (any tier) to a DICOM node by C-STORE; returns the job id';
 
 CREATE FUNCTION mdd._send_open(ae_title text, host text, port integer, sop_classes text[],
-							   transfer_syntaxes text[]) RETURNS text
+							   transfer_syntaxes text[], tls boolean DEFAULT false) RETURNS text
 	AS 'MODULE_PATHNAME', 'mdd_send_open_sql' LANGUAGE C VOLATILE;
 
 CREATE FUNCTION mdd._send_object(data bytea, sop_class_uid text, sop_instance_uid text,
@@ -178,7 +178,8 @@ BEGIN
 
 	UPDATE mdd.job_item i SET batch = j.batches + 1 WHERE i.job = j.id AND i.object = ANY (ids);
 	UPDATE mdd.job x SET batches = j.batches + 1 WHERE x.id = j.id;
-	refused := mdd._send_open(n.ae_title, n.host, n.port, classes, syntaxes);
+	refused := mdd._send_open(n.ae_title, n.host, n.port, classes, syntaxes,
+							  coalesce((n.options->>'tls')::boolean, false));
 	IF refused IS NOT NULL THEN
 		-- the node takes none of these SOP classes in any syntax offered
 		UPDATE mdd.job_item i

@@ -71,7 +71,8 @@ CREATE FUNCTION mdd._find_spanning(level text, patient_id text, patient_name tex
 								   study_date text, modality text, study_instance_uid text,
 								   accession_number text, local boolean, names text[],
 								   ae_titles text[], hosts text[], ports integer[],
-								   timeouts_ms integer[], timeout_ms integer)
+								   timeouts_ms integer[], timeout_ms integer,
+								   tls boolean[] DEFAULT NULL)
 RETURNS TABLE(location text, status text, level text, patient_id text, patient_name text,
 			  study_instance_uid text, study_date text, series_instance_uid text,
 			  sop_instance_uid text, modality text, description text, instances integer)
@@ -105,6 +106,7 @@ DECLARE
 	hosts text[];
 	ports integer[];
 	timeouts integer[];
+	tls boolean[];
 	total_ms numeric;
 	default_ms integer;
 	conds text[] := '{}';
@@ -171,8 +173,9 @@ BEGIN
 		   coalesce(array_agg(x.host ORDER BY x.name), '{}'),
 		   coalesce(array_agg(x.port ORDER BY x.name), '{}'),
 		   coalesce(array_agg(coalesce(round((x.options->>'find_timeout')::numeric * 1000)::integer,
-									   default_ms) ORDER BY x.name), '{}')
-	INTO aes, hosts, ports, timeouts
+									   default_ms) ORDER BY x.name), '{}'),
+		   coalesce(array_agg(coalesce((x.options->>'tls')::boolean, false) ORDER BY x.name), '{}')
+	INTO aes, hosts, ports, timeouts, tls
 	FROM mdd.node x WHERE x.name = ANY (names);
 
 	PERFORM mdd._audit('find', NULL, find_patient_id,
@@ -207,14 +210,14 @@ BEGIN
 	END LOOP;
 
 	RETURN QUERY EXECUTE format(
-		'SELECT r.* FROM mdd._find_spanning($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) r '
+		'SELECT r.* FROM mdd._find_spanning($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) r '
 		'WHERE r.location = ''local'' OR r.status <> ''ok'' OR (%s) '
 		'ORDER BY r.location <> ''local'', r.location, r.status <> ''ok'', r.study_date, '
 		'r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid',
 		coalesce(nullif(array_to_string(conds, ' AND '), ''), 'true'))
 	USING lvl, find_patient_id, find_patient_name, find_study_date, find_modality,
 		  find_study_instance_uid, find_accession_number, want_local, names, aes, hosts, ports,
-		  timeouts, least(total_ms, 86400000)::integer;
+		  timeouts, least(total_ms, 86400000)::integer, tls;
 END;
 $$;
 
