@@ -7,7 +7,7 @@
 #   make fuzz       run the parser fuzzer (FUZZ_SECONDS, default 60)
 
 EXTENSION = mdd
-EXTVERSION = 0.1.0
+EXTVERSION = 0.2.0
 
 MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
@@ -24,8 +24,14 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/spanning.sql sql/retrieve.sql \
 	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/roles.sql
-DATA_built = $(EXTENSION)--$(EXTVERSION).sql
-EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql
+EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql $(EXTENSION).control
+# released versions, frozen as they were installed, and the upgrade from them
+# (docs/admin.md, "Upgrades"): a hand-written part for the tables, then what
+# scripts/upgrade_part.py finds new or changed in SQL_PARTS
+DATA = sql/$(EXTENSION)--0.1.0.sql
+# the library knows its version: the launcher starts workers only on it
+PG_CPPFLAGS += -DMDD_EXTVERSION='"$(EXTVERSION)"'
 
 DCMTK_LIBS = -ldcmnet -ldcmdata -loflog -lofstd
 SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
@@ -50,6 +56,13 @@ extension/dicom_%.o: extension/dicom_%.cpp extension/dicom.h $(wildcard extensio
 
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PARTS)
 	cat $^ > $@
+
+$(EXTENSION)--0.1.0--0.2.0.sql: sql/upgrade/0.1.0--0.2.0.sql sql/$(EXTENSION)--0.1.0.sql scripts/upgrade_part.py $(SQL_PARTS)
+	{ cat sql/upgrade/0.1.0--0.2.0.sql && python3 scripts/upgrade_part.py --old sql/$(EXTENSION)--0.1.0.sql \
+		--handwritten sql/upgrade/0.1.0--0.2.0.sql -- $(SQL_PARTS); } > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+bgworker/launcher.o: Makefile
 
 $(EXTENSION).control: $(EXTENSION).control.in Makefile
 	sed 's/@EXTVERSION@/$(EXTVERSION)/' $< > $@
