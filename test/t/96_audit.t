@@ -12,6 +12,7 @@
 #   - nobody but the superuser may change it: administrators read it, the
 #     other roles do not even see it; no role may insert, update or delete.
 import os
+import re
 import sys
 import time
 
@@ -31,6 +32,7 @@ src_a = make_server_dir(os.path.join(test_dir, "allowed", "p96a"), mode=0o755)
 src_b = make_server_dir(os.path.join(test_dir, "allowed", "p96b"), mode=0o755)
 out_dir = make_server_dir(os.path.join(test_dir, "allowed", "out96"))
 vault = make_server_dir(os.path.join(test_dir, "allowed", "vault96"))
+vault_x = make_server_dir(os.path.join(test_dir, "allowed", "vault96x"))
 peers_dir = make_server_dir(os.path.join(test_dir, "peers96"), mode=0o755)
 man_a = generate_patient(src_a, "AUD96A", 961, slices=3, small=0)
 man_b = generate_patient(src_b, "AUD96B", 962, slices=3, small=0)
@@ -171,8 +173,21 @@ try:
     ok(rows(su, "action = 'c-move refused' AND client = %s", (f"RO96@{HOST}",)),
        "a refused C-MOVE is audited (c-move refused)")
 
-    # ------------------------------------------------------ append-only
+    # ------------------------------------------------------ administration
     adm = connect(user="aud96_admin", port=PORT)
+    execute(adm, "SELECT mdd.add_storage('s3x96', 'file', 'archive', %s)",
+            (f'{{"root": "{vault_x}", "capacity": 1000000}}',))
+    execute(adm, """SELECT mdd.alter_storage('s3x96', '{"capacity": 2000000}')""")
+    execute(adm, "SELECT mdd.add_node('new96', 'NEW96', '127.0.0.1', 104)")
+    r = {x["action"]: x for x in rows(su, "role = 'aud96_admin'")}
+    ok({"add storage", "alter storage", "add node"} <= set(r), "adding and changing storages and nodes is audited",
+       sorted(r))
+    ok(re.search(r"options .*capacity.*root", r.get("add storage", {}).get("detail", ""))
+       and "1000000" not in r.get("add storage", {}).get("detail", "x"),
+       "a storage's options are audited by name only (their values may be credentials)",
+       r.get("add storage"))
+
+    # ------------------------------------------------------ append-only
     ok(query_value(adm, "SELECT count(*) FROM mdd.audit_log") > 0, "an administrator reads the audit trail")
     for who, c in (("an administrator", adm), ("an operator", op)):
         for sql in ("INSERT INTO mdd.audit (role, action) VALUES ('x', 'forged')",
