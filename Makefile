@@ -24,14 +24,8 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/spanning.sql sql/retrieve.sql \
 	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/roles.sql
-DATA_built = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql
-EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION)--0.1.0--0.2.0.sql $(EXTENSION).control
-# released versions, frozen as they were installed, and the upgrade from them
-# (docs/admin.md, "Upgrades"): a hand-written part for the tables, then what
-# scripts/upgrade_part.py finds new or changed in SQL_PARTS
-DATA = sql/$(EXTENSION)--0.1.0.sql
-# the library knows its version: the launcher starts workers only on it
-PG_CPPFLAGS += -DMDD_EXTVERSION='"$(EXTVERSION)"'
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 
 DCMTK_LIBS = -ldcmnet -ldcmdata -loflog -lofstd
 SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
@@ -45,6 +39,15 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 
 # no LLVM bitcode: the C++ side is not meant for JIT inlining
 override with_llvm = no
+
+# released versions, frozen as they were installed, and the upgrade from them
+# (docs/admin.md, "Upgrades"): a hand-written part for the tables, then what
+# scripts/upgrade_part.py finds new or changed in SQL_PARTS
+DATA = sql/$(EXTENSION)--0.1.0.sql
+DATA_built += $(EXTENSION)--0.1.0--0.2.0.sql
+EXTRA_CLEAN += $(EXTENSION)--0.1.0--0.2.0.sql
+# the library knows its version: the launcher starts workers only on it
+PG_CPPFLAGS += -DMDD_EXTVERSION='"$(EXTVERSION)"'
 
 include $(PGXS)
 
