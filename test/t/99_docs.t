@@ -70,8 +70,9 @@ try:
     is_(missing, [], "every view is documented in docs/")
 
     # ------------------------------------------------------- 3. examples
-    # the names the examples use, beside the demo's: storages, nodes (on a
-    # port where nothing listens), and no rule or node of the same names
+    # the names the examples use, beside the demo's (its node "pacs" among
+    # them, stopped by now): storages, nodes (on a port where nothing
+    # listens), and not the demo's rule, which the examples create
     for name in ("vault", "cloud", "old-nas"):
         d = os.path.join(demo, "fixture-" + name)
         os.makedirs(d, exist_ok=True)
@@ -80,7 +81,6 @@ try:
         execute(conn, "SELECT mdd.add_storage(%s, 'file', %s, jsonb_build_object('root', %s::text))",
                 (name, "online" if name == "old-nas" else "archive", d))
     execute(conn, "SELECT mdd.drop_rule('cbct-after-course')")
-    execute(conn, "SELECT mdd.drop_node('pacs')")
     execute(conn, "ALTER SYSTEM SET mdd.archive_storage = 'demo_archive'")
     execute(conn, "SELECT pg_reload_conf()")
     for name, ae in (("tps", "TPS1"), ("pacs1", "PACS1"), ("pacs2", "PACS2"), ("oldpacs", "OLDPACS")):
