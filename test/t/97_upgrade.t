@@ -178,7 +178,10 @@ try:
         "the archive job asked for under 0.1.0 waits: nobody runs it")
 
     # --------------------------------------------------------------- update
-    execute(conn, "ALTER EXTENSION mdd UPDATE")
+    e = sql_error(conn, "ALTER EXTENSION mdd UPDATE")
+    ok(e is None, "ALTER EXTENSION mdd UPDATE runs", describe_error(e) if e else "")
+    if e is not None:
+        bail_out("the upgrade failed: " + describe_error(e))
     is_(query_value(conn, "SELECT extversion FROM pg_extension WHERE extname = 'mdd'"), "0.2.0",
         "ALTER EXTENSION mdd UPDATE brings it to 0.2.0")
     ok(wait_for(lambda: 'extension found in database "postgres" (version 0.2.0)' in log_text(), 20),
