@@ -7,7 +7,7 @@
 #   make fuzz       run the parser fuzzer (FUZZ_SECONDS, default 60)
 
 EXTENSION = mdd
-EXTVERSION = 0.1.0
+EXTVERSION = 0.2.0
 
 MODULE_big = mdd
 OBJS = extension/mdd.o extension/parse.o extension/paths.o \
@@ -44,6 +44,15 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 # no LLVM bitcode: the C++ side is not meant for JIT inlining
 override with_llvm = no
 
+# released versions, frozen as they were installed, and the upgrade from them
+# (docs/admin.md, "Upgrades"): a hand-written part for the tables, then what
+# scripts/upgrade_part.py finds new or changed in SQL_PARTS
+DATA = sql/$(EXTENSION)--0.1.0.sql
+DATA_built += $(EXTENSION)--0.1.0--0.2.0.sql
+EXTRA_CLEAN += $(EXTENSION)--0.1.0--0.2.0.sql
+# the library knows its version: the launcher starts workers only on it
+PG_CPPFLAGS += -DMDD_EXTVERSION='"$(EXTVERSION)"'
+
 include $(PGXS)
 
 # The C++ files of the DCMTK boundary are compiled without PostgreSQL's
@@ -54,6 +63,13 @@ extension/dicom_%.o: extension/dicom_%.cpp extension/dicom.h $(wildcard extensio
 
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PARTS)
 	cat $^ > $@
+
+$(EXTENSION)--0.1.0--0.2.0.sql: sql/upgrade/0.1.0--0.2.0.sql sql/$(EXTENSION)--0.1.0.sql scripts/upgrade_part.py $(SQL_PARTS)
+	{ cat sql/upgrade/0.1.0--0.2.0.sql && python3 scripts/upgrade_part.py --old sql/$(EXTENSION)--0.1.0.sql \
+		--handwritten sql/upgrade/0.1.0--0.2.0.sql -- $(SQL_PARTS); } > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+bgworker/launcher.o: Makefile
 
 $(EXTENSION).control: $(EXTENSION).control.in Makefile
 	sed 's/@EXTVERSION@/$(EXTVERSION)/' $< > $@

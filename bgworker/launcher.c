@@ -5,8 +5,9 @@
  *	  listeners, the job runners, the rule scheduler and the HTTP workers
  *	  running.
  *
- * It connects to mdd.database, waits until the extension exists there,
- * then starts mdd.dicom_workers listeners (when the DICOM port is open),
+ * It connects to mdd.database, waits until the extension exists there in
+ * the version of this library (after a library update, until ALTER
+ * EXTENSION mdd UPDATE has brought the SQL objects to it), then starts mdd.dicom_workers listeners (when the DICOM port is open),
  * mdd.job_workers runners and one rule scheduler as dynamic workers, and
  * starts again any that exits.  It learns of exits through its latch (it is the workers'
  * bgw_notify_pid), so it never polls them in a tight loop.
@@ -22,6 +23,7 @@
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -72,26 +74,71 @@ mdd_register_launcher(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/* true once CREATE EXTENSION mdd has been run in mdd.database */
-static bool
-extension_exists(void)
+/*
+ * The version of extension mdd in mdd.database, palloc'd in the caller's
+ * context, or NULL while CREATE EXTENSION mdd has not been run there.
+ */
+static char *
+extension_version(void)
 {
-	bool		exists;
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *version = NULL;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "looking for extension mdd");
-	if (SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'mdd'", true, 1) != SPI_OK_SELECT)
+	if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mdd'", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not look up extension mdd");
-	exists = SPI_processed > 0;
+	if (SPI_processed > 0)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		if (v != NULL)
+			version = MemoryContextStrdup(caller, v);
+	}
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
-	return exists;
+	return version;
+}
+
+/*
+ * True once the extension exists in the version of this library.  Another
+ * version (the library was updated, ALTER EXTENSION not yet run) is logged
+ * once for each version seen; the workers are not started on SQL objects
+ * they were not built for.
+ */
+static bool
+extension_ready(char **seen)
+{
+	char	   *version = extension_version();
+
+	if (version == NULL)
+		return false;
+	if (strcmp(version, MDD_EXTVERSION) == 0)
+	{
+		ereport(LOG, (errmsg("mdd launcher: extension found in database \"%s\" (version %s)",
+							 mdd_database, version)));
+		pfree(version);
+		return true;
+	}
+	if (*seen == NULL || strcmp(*seen, version) != 0)
+	{
+		ereport(LOG,
+				(errmsg("mdd launcher: extension mdd is version %s in database \"%s\", this library is %s; the workers wait",
+						version, mdd_database, MDD_EXTVERSION),
+				 errhint("Run ALTER EXTENSION mdd UPDATE in database \"%s\".", mdd_database)));
+		if (*seen != NULL)
+			pfree(*seen);
+		*seen = MemoryContextStrdup(TopMemoryContext, version);
+	}
+	pfree(version);
+	return false;
 }
 
 static void
@@ -172,6 +219,7 @@ void
 mdd_launcher_main(Datum arg)
 {
 	bool		ready = false;
+	char	   *seen_version = NULL;
 
 	mdd_worker_setup_signals();
 	BackgroundWorkerInitializeConnection(mdd_database, NULL, 0);
@@ -185,12 +233,7 @@ mdd_launcher_main(Datum arg)
 		mdd_worker_reload_if_asked();
 
 		if (!ready)
-		{
-			ready = extension_exists();
-			if (ready)
-				ereport(LOG, (errmsg("mdd launcher: extension found in database \"%s\"",
-									 mdd_database)));
-		}
+			ready = extension_ready(&seen_version);
 		if (ready)
 		{
 			timeout = keep_running(&runners, mdd_job_workers);

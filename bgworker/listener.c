@@ -399,6 +399,20 @@ find_work(Peer *peer, void *ctx)
 			item->value = append_string(&p, rows[r][k]);
 		}
 	result->nrows = (int) (SPI_processed - 1);
+
+	/* the query served, in the audit trail (in this transaction) */
+	{
+		Oid			atypes[6] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+		Datum		avalues[6];
+
+		avalues[0] = values[0];
+		avalues[1] = values[1];
+		avalues[2] = values[2];
+		avalues[3] = Int64GetDatum(result->nrows);
+		avalues[4] = mdd_wire_text_datum(peer->calling_ae);
+		avalues[5] = mdd_wire_text_datum(peer->host);
+		run_sql("SELECT mdd._dicom_find_audit($1, $2, $3::jsonb, $4, $5, $6)", 6, atypes, avalues, NULL);
+	}
 }
 
 static unsigned short

@@ -162,9 +162,16 @@ Association::handleStore(T_ASC_PresentationContextID presID, T_DIMSE_C_StoreRQ &
 		stored_++;
 	else
 	{
+		char		what[1024];
+
 		failed_++;
 		if (comment[0])
 			mddPutErrorComment(detail, comment);
+		/* a refused or failed store leaves no row of its own: audit it */
+		snprintf(what, sizeof(what), "C-STORE of %s (%s) refused with status 0x%04X: %s",
+				 req.AffectedSOPInstanceUID, req.AffectedSOPClassUID, rsp.DimseStatus, comment);
+		if (sa_.cb->audit)
+			sa_.cb->audit(sa_.cb->arg, "c-store refused", what);
 	}
 	cond = DIMSE_sendStoreResponse(sa_.assoc, presID, &req, &rsp,
 								   rsp.DimseStatus == STATUS_Success ? NULL : &detail);
@@ -194,6 +201,16 @@ Association::sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ
 	rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
 	if (comment && comment[0])
 		mddPutErrorComment(detail, comment);
+	/* a refused or failed query: the ones served are audited with their matches */
+	if (status != STATUS_Success && status != STATUS_FIND_Cancel_MatchingTerminatedDueToCancelRequest &&
+		sa_.cb->audit)
+	{
+		char		what[1024];
+
+		snprintf(what, sizeof(what), "C-FIND (%s) refused with status 0x%04X: %s",
+				 req.AffectedSOPClassUID, status, comment ? comment : "");
+		sa_.cb->audit(sa_.cb->arg, "c-find refused", what);
+	}
 	return DIMSE_sendFindResponse(sa_.assoc, presID, &req, &rsp, NULL,
 								  comment && comment[0] ? &detail : NULL).good();
 }

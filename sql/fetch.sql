@@ -202,7 +202,7 @@ BEGIN
 		RETURNING o.id, o.patient
 	), audited AS (
 		INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
-		SELECT mdd._caller(), 'retrieve', h.id, p.patient_id,
+		SELECT j.created_by, 'retrieve', h.id, p.patient_id,
 			   format('job %s: from node %s (%s at %s:%s)', j.id, n.name, n.ae_title, n.host, n.port),
 			   j.client
 		FROM here h JOIN mdd.patient p ON p.id = h.patient
@@ -272,15 +272,13 @@ BEGIN
 								 first.sop_instance_uid, first.error) END
 	WHERE x.id = j.id;
 	IF j.kind = 'retrieve' THEN
-		PERFORM mdd._audit('retrieve' || CASE WHEN n_failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
+		PERFORM mdd._audit_job(j, 'retrieve' || CASE WHEN n_failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
 						   format('job %s: %s instances of %s from node %s: %s retrieved, %s already here, %s failed',
-								  j.id, j.total, mdd._fetch_what(j.request), n.name, n_fetched, n_here, n_failed),
-						   j.client);
+								  j.id, j.total, mdd._fetch_what(j.request), n.name, n_fetched, n_here, n_failed));
 	ELSE
-		PERFORM mdd._audit('move' || CASE WHEN n_failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
+		PERFORM mdd._audit_job(j, 'move' || CASE WHEN n_failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
 						   format('job %s: %s instances of %s from node %s to node %s: %s sent, %s failed',
-								  j.id, j.total, mdd._fetch_what(j.request), n.name, d.name, n_fetched, n_failed),
-						   j.client);
+								  j.id, j.total, mdd._fetch_what(j.request), n.name, d.name, n_fetched, n_failed));
 	END IF;
 	RETURN 'finished';
 END;
@@ -580,7 +578,7 @@ BEGIN
 							 ELSE format('%s for %s instances asked, without naming the failed', reply, covered) END
 			WHERE i.job = j.id AND i.request = k AND i.state = 'pending';
 			INSERT INTO mdd.audit (role, action, detail, client)
-			VALUES (mdd._caller(), 'move',
+			VALUES (j.created_by, 'move',
 					format('job %s: %s instances from node %s to node %s (%s): %s', j.id, covered, n.name,
 						   d.name, d.ae_title, reply), j.client);
 		ELSE

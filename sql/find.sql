@@ -209,3 +209,17 @@ BEGIN
 								(ARRAY['p.id', 'st.id', 'se.id', 'o.id'])[q.lvl + 1]);
 END;
 $$;
+
+-- A C-FIND served, in the audit trail: its model, level and keys and how
+-- many matched, with the patient when the query names one (a PatientID
+-- without wildcards or a list).
+CREATE FUNCTION mdd._dicom_find_audit(model text, level text, keys jsonb, matches bigint,
+									  calling_ae text, peer text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO mdd.audit (role, action, patient_id, detail, client)
+	VALUES (mdd._caller(), 'c-find',
+			CASE WHEN keys->>'PatientID' <> '' AND keys->>'PatientID' !~ '[*?\\]' THEN keys->>'PatientID' END,
+			format('C-FIND %s root, level %s %s: %s matches', model, level, keys, matches),
+			format('%s@%s', calling_ae, peer))
+$$;

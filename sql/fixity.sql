@@ -170,9 +170,9 @@ BEGIN
 		ELSE
 			UPDATE mdd.job_item i SET state = 'failed', batch = j.batches + 1, error = chk.problem
 			WHERE i.job = j.id AND i.object = it.object;
-			PERFORM mdd._audit('verify failed', it.object, it.patient_id,
+			PERFORM mdd._audit_job(j, 'verify failed', it.object, it.patient_id,
 							   format('job %s: copy on storage %s of %s: %s', j.id, s.name,
-									  it.sop_instance_uid, chk.problem), j.client);
+									  it.sop_instance_uid, chk.problem));
 			bad := bad + 1;
 		END IF;
 	END LOOP;

@@ -41,6 +41,17 @@ CREATE TABLE mdd.job_item (
 CREATE INDEX ON mdd.job_item (job, state);
 CREATE INDEX ON mdd.job_item (object);
 
+-- An audit row of a job's step, whatever process runs it: in the name of
+-- the role that asked for the job, from where it asked (a job runner is
+-- the bootstrap superuser, without a client of its own).
+CREATE FUNCTION mdd._audit_job(j mdd.job, action text, object_id bigint, patient_id text, detail text)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
+	VALUES (j.created_by, action, object_id, patient_id, detail, coalesce(j.client, 'local'))
+$$;
+
 CREATE VIEW mdd.jobs AS
 SELECT j.id, j.kind, j.state, s.name AS storage, j.created_by, j.created_at, j.started_at,
 	   j.finished_at, j.total, j.done, j.failed, j.bytes, j.attempts, j.next_attempt_at,
@@ -194,8 +205,8 @@ BEGIN
 										   AND i.state IN ('copying', 'releasing'))
 							  THEN NULL ELSE now() END
 	WHERE x.id = _job_fail.job AND x.state IN ('queued', 'running');
-	PERFORM mdd._audit((SELECT kind FROM mdd.job x WHERE x.id = _job_fail.job) || ' failed',
-					   NULL, NULL, format('job %s: %s', job, message));
+	PERFORM mdd._audit_job(x, x.kind || ' failed', NULL, NULL, format('job %s: %s', x.id, message))
+	FROM mdd.job x WHERE x.id = _job_fail.job;
 END;
 $$;
 
@@ -216,8 +227,8 @@ BEGIN
 		error = CASE WHEN x.failed > 0
 					 THEN format('%s of %s objects failed; the first: %s', x.failed, x.total, first_error) END
 	WHERE x.id = j.id;
-	PERFORM mdd._audit(j.kind || CASE WHEN j.failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
-					   format('job %s: %s', j.id, what), j.client);
+	PERFORM mdd._audit_job(j, j.kind || CASE WHEN j.failed > 0 THEN ' failed' ELSE ' done' END, NULL, NULL,
+						   format('job %s: %s', j.id, what));
 END;
 $$;
 

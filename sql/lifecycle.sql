@@ -90,7 +90,9 @@ BEGIN
 			cardinality(ids))
 	RETURNING id INTO job;
 	INSERT INTO mdd.job_item (job, object) SELECT job, x FROM unnest(ids) x;
-	PERFORM mdd._audit(kind || ' requested', NULL, NULL,
+	PERFORM mdd._audit(kind || ' requested', NULL,
+					   (SELECT min(p.patient_id) FROM mdd.object o JOIN mdd.patient p ON p.id = o.patient
+						WHERE o.id = ANY (ids) HAVING count(DISTINCT p.id) = 1),
 					   format('job %s: %s objects to storage %s', job, cardinality(ids), target.name));
 	PERFORM mdd._wake_runners();
 	RETURN job;
@@ -352,7 +354,7 @@ BEGIN
 		   bytes = x.bytes + written
 	WHERE x.id = j.id;
 	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
-	SELECT mdd._caller(), j.kind, o.id, p.patient_id, format('job %s: to storage %s', j.id, target.name),
+	SELECT j.created_by, j.kind, o.id, p.patient_id, format('job %s: to storage %s', j.id, target.name),
 		   j.client
 	FROM unnest(moved) m(id) JOIN mdd.object o ON o.id = m.id JOIN mdd.patient p ON p.id = o.patient;
 END;

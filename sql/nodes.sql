@@ -126,6 +126,9 @@ BEGIN
 						  retrieve_by, options)
 	VALUES (n.name, n.ae_title, n.host, n.port, n.may_store, n.may_query, n.may_retrieve, n.may_send,
 			n.retrieve_by, n.options);
+	PERFORM mdd._audit('add node', NULL, NULL,
+					   format('node %s: AE title %s at %s:%s, options %s', n.name, n.ae_title,
+							  coalesce(n.host, 'any host'), coalesce(n.port::text, '-'), n.options));
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'node "%" already exists', add_node.name USING ERRCODE = '42710';
 END;

@@ -30,7 +30,9 @@ $$;
 
 -- The DICOM objects a C-MOVE or C-GET identifier selects, in the order they
 -- are sent.  The identifier must hold the unique key of its level, without
--- wildcards.  Each request is written to the audit trail.
+-- wildcards.  Each request is written to the audit trail: a row for each
+-- patient whose objects it sends, with their count (one row without a
+-- patient when nothing matched), all with the same time.
 CREATE FUNCTION mdd._dicom_retrieve(operation text, model text, level text, keys jsonb,
 									destination text, calling_ae text, peer text)
 RETURNS TABLE(object_id bigint, sop_class_uid text, sop_instance_uid text,
@@ -43,7 +45,7 @@ DECLARE
 							  'SOPInstanceUID'])[q.lvl + 1];
 	n bigint;
 	ids bigint[];
-	patients text[];
+	stamp timestamptz;
 BEGIN
 	IF coalesce(btrim(keys->>unique_key), '') = '' OR keys->>unique_key ~ '[*?]' THEN
 		RAISE EXCEPTION '% at level % needs the % of what to send, without wildcards',
@@ -51,20 +53,25 @@ BEGIN
 			USING ERRCODE = '22023';
 	END IF;
 	-- one matching pass: the objects in sending order, and their patients
-	EXECUTE format('SELECT array_agg(o.id ORDER BY o.series, o.id), array_agg(DISTINCT p.patient_id) %s'
-				   ' AND o.kind = ''dicom''', q.from_where)
-	INTO ids, patients;
+	EXECUTE format('SELECT array_agg(o.id ORDER BY o.series, o.id) %s AND o.kind = ''dicom''', q.from_where)
+	INTO ids;
 	n := coalesce(cardinality(ids), 0);
 	RETURN QUERY
 	SELECT o.id, o.sop_class_uid, o.sop_instance_uid, o.transfer_syntax_uid
 	FROM unnest(ids) WITH ORDINALITY AS x(id, pos) JOIN mdd.object o ON o.id = x.id
 	ORDER BY x.pos;
-	INSERT INTO mdd.audit (role, action, patient_id, detail, client)
-	VALUES (mdd._caller(), lower(operation),
-			CASE WHEN cardinality(patients) = 1 THEN patients[1] END,
-			format('%s level %s %s: %s objects to %s', operation, level, keys, n,
-				   coalesce(destination, calling_ae)),
-			format('%s@%s', calling_ae, peer));
+	stamp := clock_timestamp();
+	INSERT INTO mdd.audit (at, role, action, patient_id, detail, client)
+	SELECT stamp, mdd._caller(), lower(operation), x.patient_id,
+		   format('%s level %s %s: %s objects to %s', operation, level, keys, x.objects,
+				  coalesce(destination, calling_ae)),
+		   format('%s@%s', calling_ae, peer)
+	FROM (SELECT p.patient_id, count(*) AS objects
+		  FROM unnest(ids) i(id) JOIN mdd.object o ON o.id = i.id JOIN mdd.patient p ON p.id = o.patient
+		  GROUP BY p.patient_id
+		  UNION ALL
+		  SELECT NULL, 0 WHERE n = 0) x
+	ORDER BY x.patient_id;
 END;
 $$;
 

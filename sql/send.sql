@@ -246,7 +246,7 @@ BEGIN
 		   bytes = x.bytes + written
 	WHERE x.id = j.id;
 	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
-	SELECT mdd._caller(), 'send', o.id, p.patient_id,
+	SELECT j.created_by, 'send', o.id, p.patient_id,
 		   format('job %s: to node %s (%s at %s:%s)', j.id, n.name, n.ae_title, n.host, n.port),
 		   j.client
 	FROM unnest(sent) s(id) JOIN mdd.object o ON o.id = s.id JOIN mdd.patient p ON p.id = o.patient;

@@ -308,6 +308,12 @@ BEGIN
 	ro := coalesce((options->>'read_only')::boolean, false);
 	INSERT INTO mdd.storage (name, kind, tier, options, read_only)
 	VALUES (add_storage.name, add_storage.kind, add_storage.tier, options - 'read_only', ro);
+	-- the option names only: their values may be credentials
+	PERFORM mdd._audit('add storage', NULL, NULL,
+					   format('storage %s: %s, %s tier, options %s', add_storage.name, add_storage.kind,
+							  add_storage.tier,
+							  coalesce((SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(options) k),
+									   'none')));
 EXCEPTION WHEN unique_violation THEN
 	RAISE EXCEPTION 'storage "%" already exists', add_storage.name USING ERRCODE = '42710';
 END;
@@ -364,6 +370,11 @@ BEGIN
 	ro := (merged->>'read_only')::boolean;
 	UPDATE mdd.storage x SET options = merged - 'read_only', read_only = coalesce(ro, x.read_only)
 	WHERE x.id = s.id;
+	-- the option names only: their values may be credentials
+	PERFORM mdd._audit('alter storage', NULL, NULL,
+					   format('storage %s: options %s', s.name,
+							  coalesce((SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(options) k),
+									   'none')));
 END;
 $$;
 
