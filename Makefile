@@ -18,12 +18,14 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/network.o extension/send.o extension/commit.o extension/find.o extension/job_wake.o \
 	extension/shmem.o extension/rule_select.o extension/cron.o extension/throttle.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
-	bgworker/listener.o bgworker/runner.o bgworker/fetch_step.o bgworker/scheduler.o bgworker/find_worker.o
+	bgworker/listener.o bgworker/runner.o bgworker/fetch_step.o bgworker/scheduler.o bgworker/find_worker.o \
+	bgworker/http_socket.o bgworker/http_worker.o bgworker/http_request.o bgworker/http_reply.o \
+	bgworker/http_auth.o bgworker/http_routes.o bgworker/http_static.o bgworker/http_api.o
 
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/spanning.sql sql/retrieve.sql \
-	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/web_api.sql sql/roles.sql
+	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/http.sql sql/web_api.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 
@@ -31,6 +33,8 @@ DCMTK_LIBS = -ldcmnet -ldcmdata -loflog -lofstd
 SHLIB_LINK = $(DCMTK_LIBS) -lstdc++
 # the http and s3 storages (libcurl) and zstd compression of blobs
 SHLIB_LINK += -lcurl -lzstd
+# the HTTP service (libmicrohttpd, with GnuTLS for HTTPS)
+SHLIB_LINK += -lmicrohttpd
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers \
 	-Wno-sign-compare -Wno-cast-function-type
 
@@ -55,6 +59,16 @@ $(EXTENSION).control: $(EXTENSION).control.in Makefile
 	sed 's/@EXTVERSION@/$(EXTVERSION)/' $< > $@
 
 all: $(EXTENSION).control
+
+# the web viewer's static files, served by the HTTP workers from
+# $(pg_config --sharedir)/mdd/web
+install: install-web
+.PHONY: install-web
+install-web:
+	rm -rf '$(DESTDIR)$(datadir)/mdd/web'
+	$(MKDIR_P) '$(DESTDIR)$(datadir)/mdd'
+	cp -R web '$(DESTDIR)$(datadir)/mdd/web'
+	chmod -R a+rX '$(DESTDIR)$(datadir)/mdd/web'
 
 .PHONY: demo test fuzz deps
 deps:

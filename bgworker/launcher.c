@@ -2,7 +2,8 @@
  *
  * launcher.c
  *	  The mdd launcher: one static background worker that keeps the DICOM
- *	  listeners, the job runners and the rule scheduler running.
+ *	  listeners, the job runners, the rule scheduler and the HTTP workers
+ *	  running.
  *
  * It connects to mdd.database, waits until the extension exists there,
  * then starts mdd.dicom_workers listeners (when the DICOM port is open),
@@ -25,6 +26,7 @@
 #include "utils/timestamp.h"
 
 #include "../extension/mdd.h"
+#include "http.h"
 #include "workers.h"
 
 #define MDD_MAX_LISTENERS 64
@@ -47,9 +49,11 @@ typedef struct WorkerKind
 static WorkerSlot listener_slots[MDD_MAX_LISTENERS];
 static WorkerSlot runner_slots[MDD_MAX_RUNNERS];
 static WorkerSlot scheduler_slot[1];
+static WorkerSlot http_slots[64];
 static WorkerKind listeners = {"mdd_listener_main", "mdd dicom listener", listener_slots, MDD_MAX_LISTENERS};
 static WorkerKind runners = {"mdd_runner_main", "mdd job runner", runner_slots, MDD_MAX_RUNNERS};
 static WorkerKind scheduler = {"mdd_scheduler_main", "mdd rule scheduler", scheduler_slot, 1};
+static WorkerKind http_workers = {"mdd_http_main", "mdd http", http_slots, 64};
 
 /* register the launcher from _PG_init (shared_preload_libraries only) */
 void
@@ -111,7 +115,7 @@ start_worker(WorkerKind *kind, int slot)
 		kind->slots[slot].handle = NULL;
 		ereport(LOG,
 				(errmsg("mdd: could not start %s %d", kind->name, slot + 1),
-				 errhint("Raise max_worker_processes (mdd needs 2 + mdd.dicom_workers + mdd.job_workers).")));
+				 errhint("Raise max_worker_processes (mdd needs 2 + mdd.dicom_workers + mdd.job_workers + mdd.http_workers).")));
 		return;
 	}
 	kind->slots[slot].started_at = GetCurrentTimestamp();
@@ -193,6 +197,8 @@ mdd_launcher_main(Datum arg)
 			timeout = Min(timeout, keep_running(&scheduler, 1));
 			if (mdd_listen_fd >= 0)
 				timeout = Min(timeout, keep_running(&listeners, mdd_dicom_workers));
+			if (mdd_http_listen_fd >= 0)
+				timeout = Min(timeout, keep_running(&http_workers, mdd_http_workers));
 		}
 
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -203,5 +209,6 @@ mdd_launcher_main(Datum arg)
 	stop_all(&listeners);
 	stop_all(&runners);
 	stop_all(&scheduler);
+	stop_all(&http_workers);
 	proc_exit(0);
 }

@@ -20,6 +20,7 @@
 #include "utils/guc.h"
 
 #include "mdd.h"
+#include "../bgworker/http.h"
 #include "../bgworker/workers.h"
 
 PG_MODULE_MAGIC;
@@ -39,6 +40,12 @@ int			mdd_dicom_acse_timeout = 30;
 int			mdd_dicom_dimse_timeout = 60;
 int			mdd_job_workers = 2;
 int			mdd_find_timeout = 10000;
+int			mdd_http_port = 0;
+char	   *mdd_http_listen_address = NULL;
+int			mdd_http_workers = 2;
+int			mdd_http_max_body = 102400;
+char	   *mdd_http_tls_cert_file = NULL;
+char	   *mdd_http_tls_key_file = NULL;
 static char *mdd_archive_storage = NULL;
 static int	mdd_import_progress_every = 1000;
 
@@ -88,6 +95,36 @@ define_network_settings(void)
 							"Time a node may take to answer mdd.find, unless its node option find_timeout says otherwise.",
 							NULL, &mdd_find_timeout, 10000, 1, 86400000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+}
+
+/* the settings of the HTTP service (bgworker/http_*.c) */
+static void
+define_http_settings(void)
+{
+	DefineCustomIntVariable("mdd.http_port",
+							"TCP port of the HTTP service (web viewer, JSON API, DICOMweb); 0 turns it off.",
+							NULL, &mdd_http_port, 0, 0, 65535,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("mdd.http_listen_address",
+							   "Address the HTTP service listens on (\"*\" for all IPv4 addresses).",
+							   NULL, &mdd_http_listen_address, "localhost",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.http_workers",
+							"HTTP worker processes sharing the HTTP port.",
+							NULL, &mdd_http_workers, 2, 1, 64,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mdd.http_max_body",
+							"Largest request body the HTTP service accepts.",
+							NULL, &mdd_http_max_body, 102400, 1, (int) (MaxAllocSize / 1024) - 1,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
+	DefineCustomStringVariable("mdd.http_tls_cert_file",
+							   "PEM certificate (chain) of the HTTP service; with mdd.http_tls_key_file it serves HTTPS only.",
+							   NULL, &mdd_http_tls_cert_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("mdd.http_tls_key_file",
+							   "PEM private key of the HTTP service's certificate.",
+							   NULL, &mdd_http_tls_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 }
 
 void
@@ -161,6 +198,7 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 
 	define_network_settings();
+	define_http_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
@@ -176,6 +214,7 @@ _PG_init(void)
 	if (process_shared_preload_libraries_in_progress && !IsUnderPostmaster)
 	{
 		mdd_open_listen_socket();
+		mdd_open_http_socket();
 		mdd_register_launcher();
 	}
 }

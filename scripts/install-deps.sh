@@ -10,6 +10,7 @@ packages=(
 	python3-pydicom python3-numpy python3-psycopg2
 	clang libclang-rt-14-dev
 	libcurl4-openssl-dev libzstd-dev zstd openssl
+	libmicrohttpd-dev
 	nginx libnginx-mod-http-dav-ext
 )
 # the S3 test peer (s3rver) runs on Node.js; a Node.js from elsewhere will do

@@ -21,7 +21,8 @@ AS $$
 BEGIN
 	INSERT INTO mdd.audit (role, action, object_id, patient_id, detail, client)
 	VALUES (mdd._caller(), action, object_id, patient_id, detail,
-			coalesce(client, host(inet_client_addr()) || ':' || inet_client_port(), 'local'));
+			coalesce(client, mdd._http_client(), host(inet_client_addr()) || ':' || inet_client_port(),
+					 'local'));
 END;
 $$;
 
