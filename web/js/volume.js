@@ -138,6 +138,13 @@ export async function loadVolume(seriesUid, onSlice, signal) {
 		if (!px) throw new Error(`object ${inst.id} has no native pixel data`);
 		vol.setSlice(k, px, ds.uint16(TAG.BitsAllocated) || bits, (ds.uint16(TAG.PixelRepresentation) || 0) === 1);
 	};
+	// the first slice alone: whether WADO-RS frames are to be had is
+	// decided once, not by every concurrent request
+	if (vol.slices > 0) {
+		await one(0);
+		onSlice(vol, 0);
+		next = 1;
+	}
 	const worker = async () => {
 		while (next < vol.slices) {
 			if (signal && signal.aborted) return;
