@@ -57,7 +57,7 @@ BASE = f"http://127.0.0.1:{http_port}"
 OPERATOR = ("t94_operator", "operator pass")
 READER = ("t94_reader", "reader pass")
 
-plan(25)
+plan(26)
 
 # --------------------------------------------------------------------------
 # the cluster and its patients
@@ -245,10 +245,16 @@ try:
     job = b.wait_for("return document.body.dataset.lastJob", what="the archive job")
     t0 = time.monotonic()
     final = b.wait_for("""const tr = document.querySelector(`#jobs tr[data-job='${arguments[0]}']`);
-                          return tr && ['done', 'failed', 'cancelled'].includes(tr.dataset.state) && tr.dataset.state;"""
-                       .replace("arguments[0]", str(int(job))), timeout=90, what="the job to finish")
+                          return tr && ['done', 'failed', 'cancelled'].includes(tr.dataset.state) && tr.dataset.state;""",
+                       job, timeout=90, what="the job to finish")
     note(f"archive job {job} seen {final} in the page after {time.monotonic() - t0:.1f} s")
     is_(final, "done", "the operator's archive click makes a job the page shows finishing")
+    seen = b.wait_for("""const t = document.querySelector(`#tree li.series[data-series-uid='${arguments[0]}'] .tier`);
+                          const v = document.querySelector(\"#storages tr[data-storage='vault94']\");
+                          return t && t.textContent === 'archive' && v && v.children[4].textContent === '43'
+                                 && [t.textContent, v.children[4].textContent];""", ct_series,
+                      timeout=30, what="the tree and storages after the job")
+    ok(seen, "then the tree shows the series on the archive tier and the storage its 43 objects", repr(seen))
     b.screenshot(os.path.join(out, "06_jobs.png"))
     tiers = query_value(db, """SELECT array_agg(DISTINCT tier::text) FROM mdd.objects
                                WHERE series_instance_uid = %s

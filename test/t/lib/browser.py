@@ -113,11 +113,11 @@ class Browser:
         """Run script, which calls arguments[arguments.length - 1](value) when done."""
         return self._call("POST", self._s("/execute/async"), {"script": script, "args": list(args)})
 
-    def wait_for(self, script, timeout=60, what="condition", interval=0.2):
-        """Poll script until it returns something true; return that."""
+    def wait_for(self, script, *args, timeout=60, what="condition", interval=0.2):
+        """Poll script (with args) until it returns something true; return that."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.js(script)
+            value = self.js(script, *args)
             if value:
                 return value
             if time.monotonic() > deadline:
