@@ -91,8 +91,9 @@ BEGIN
 						'{}')
 		INTO words
 		FROM regexp_split_to_table(btrim(coalesce(p->>'q', '')), '\s+') w WHERE w <> '';
+		-- the counts of mdd.patients are computed for the page only
 		WITH hit AS (
-			SELECT x.* FROM mdd.patients x
+			SELECT x.patient_id FROM mdd.patients x
 			WHERE (SELECT bool_and(x.patient_id ILIKE w
 								   OR translate(coalesce(x.patient_name, ''), '^', ' ') ILIKE w)
 				   FROM unnest(words) w) IS NOT false
@@ -101,8 +102,9 @@ BEGIN
 				   'total', (SELECT count(*) FROM hit),
 				   'limit', lim, 'offset', off,
 				   'patients', coalesce((
-					   SELECT jsonb_agg(to_jsonb(page) - 'created_at' ORDER BY page.patient_id)
-					   FROM (SELECT * FROM hit ORDER BY patient_id LIMIT lim OFFSET off) page),
+					   SELECT jsonb_agg(to_jsonb(x) - 'created_at' ORDER BY x.patient_id)
+					   FROM (SELECT h.patient_id FROM hit h ORDER BY h.patient_id LIMIT lim OFFSET off) page
+					   JOIN mdd.patients x ON x.patient_id = page.patient_id),
 					   '[]'))
 		INTO result;
 		RETURN result;
