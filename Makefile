@@ -69,6 +69,10 @@ install-web:
 	$(MKDIR_P) '$(DESTDIR)$(datadir)/mdd'
 	cp -R web '$(DESTDIR)$(datadir)/mdd/web'
 	chmod -R a+rX '$(DESTDIR)$(datadir)/mdd/web'
+uninstall: uninstall-web
+.PHONY: uninstall-web
+uninstall-web:
+	rm -rf '$(DESTDIR)$(datadir)/mdd'
 
 .PHONY: demo test fuzz deps
 deps:

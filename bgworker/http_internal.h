@@ -10,6 +10,7 @@
 #ifndef MDD_HTTP_INTERNAL_H
 #define MDD_HTTP_INTERNAL_H
 
+#include <signal.h>
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <microhttpd.h>
@@ -77,6 +78,7 @@ typedef struct HttpState
 
 /* http_worker.c */
 extern int	mdd_http_worker_number;
+extern volatile sig_atomic_t mdd_http_busy;	/* inside a request callback */
 
 /* http_request.c: the callbacks given to MHD_start_daemon */
 extern enum MHD_Result mdd_http_access(void *cls, struct MHD_Connection *conn, const char *url,

@@ -352,6 +352,9 @@ stream_read(void *cls, uint64_t pos, char *buf, size_t max)
 
 	if (s->ended)
 		return MHD_CONTENT_READER_END_OF_STREAM;
+	if (mdd_got_sigterm)
+		return MHD_CONTENT_READER_END_WITH_ERROR;
+	mdd_http_busy = true;
 	PG_TRY();
 	{
 		mdd_worker_begin_transaction(s->what);
@@ -380,9 +383,11 @@ stream_read(void *cls, uint64_t pos, char *buf, size_t max)
 						unpack_sql_state(edata->sqlerrcode))));
 		FreeErrorData(edata);
 		s->ended = true;
+		mdd_http_busy = false;
 		return MHD_CONTENT_READER_END_WITH_ERROR;
 	}
 	PG_END_TRY();
+	mdd_http_busy = false;
 	if (end)
 		s->ended = true;
 	if (n == 0)

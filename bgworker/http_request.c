@@ -429,6 +429,12 @@ mdd_http_access(void *cls, struct MHD_Connection *conn, const char *url, const c
 	volatile enum MHD_Result result = MHD_NO;
 
 	/* nothing may unwind into libmicrohttpd's frames */
+	mdd_http_busy = true;
+	if (mdd_got_sigterm)
+	{
+		mdd_http_busy = false;
+		return MHD_NO;			/* stopping: no new work */
+	}
 	PG_TRY();
 	{
 		HttpState  *st = (HttpState *) *con_cls;
@@ -456,6 +462,7 @@ mdd_http_access(void *cls, struct MHD_Connection *conn, const char *url, const c
 		result = MHD_NO;		/* the connection is closed */
 	}
 	PG_END_TRY();
+	mdd_http_busy = false;
 	MemoryContextSwitchTo(caller);
 	return result;
 }

@@ -10,8 +10,8 @@
  * WaitEventSet, and MHD_run serves whatever is ready, calling the request
  * callbacks (http_request.c) in this process's only thread.  So the
  * handlers may use the database like any backend code, and SIGTERM (which
- * sets the latch) stops the worker at the next turn of the loop; requests
- * in flight are cut.  mdd.http_workers such workers share the port.
+ * sets the latch) stops the worker at the next turn of the loop, or at the
+ * next interrupt check of a handler's query; connections in flight are cut.  mdd.http_workers such workers share the port.
  *
  * SIGHUP reloads the settings; when the TLS certificate or key (their
  * file names or their contents) changed, the worker exits so that the
@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "libpq/pqsignal.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -37,9 +38,31 @@
 #include "workers.h"
 
 int			mdd_http_worker_number = 0;
+volatile sig_atomic_t mdd_http_busy = false;
 
 static char *tls_cert = NULL;	/* PEM texts in use, or NULL */
 static char *tls_key = NULL;
+
+/*
+ * SIGTERM: as in every mdd worker, a flag and the latch; but when it comes
+ * while a request is being served (a long query of a handler), that
+ * request is ended like a backend's (FATAL at the next interrupt check),
+ * so that the worker stops at once in every case.
+ */
+static void
+http_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	mdd_got_sigterm = true;
+	if (mdd_http_busy)
+	{
+		ProcDiePending = true;
+		InterruptPending = true;
+	}
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
 
 /* libmicrohttpd's own complaints, into the server log */
 static void
@@ -162,6 +185,7 @@ mdd_http_main(Datum arg)
 
 	mdd_http_worker_number = DatumGetInt32(arg);
 	mdd_worker_setup_signals();
+	pqsignal(SIGTERM, http_sigterm);
 	BackgroundWorkerInitializeConnection(mdd_database, NULL, 0);
 	pgstat_report_appname(psprintf("mdd http %d", mdd_http_worker_number));
 	if (mdd_http_listen_fd < 0)

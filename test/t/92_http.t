@@ -297,9 +297,17 @@ try:
     is_(curl("/")[0], 0, "plain HTTP is no longer served")
     ok(wait_for(lambda: len(http_pids(conn)) == 3), "three HTTP workers again", f"    {http_pids(conn)}")
 
-    # 8. SIGTERM of the postmaster with a half-sent request open
+    # 8. SIGTERM of the postmaster with a half-sent request open and a
+    # request whose query would take a minute
     held = socket.create_connection(("127.0.0.1", http_port))
     held.sendall(b"\x16\x03\x01")	# the start of a TLS record, never finished
+    long_one = []
+    sleeper = threading.Thread(target=lambda: long_one.append(
+        curl("/api/sleep?s=60", base=https, extra=["--cacert", cert])))
+    sleeper.start()
+    ok(wait_for(lambda: query_value(conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mdd http' "
+                                          "AND wait_event = 'PgSleep'") == 1),
+       "a request sleeping in its handler")
     conn.close()
     conn = None
     pid = int(open(os.path.join(datadir, "postmaster.pid")).readline())
@@ -309,6 +317,8 @@ try:
     took = time.monotonic() - started
     ok(stopped and took < 5, f"SIGTERM of the postmaster: stopped in {took:.2f} s", server_log_tail(datadir))
     held.close()
+    sleeper.join()
+    ok(long_one and long_one[0][0] != 200, "the sleeping request was cut")
     log = open(os.path.join(datadir, "server.log"), errors="replace").read()
     unlike(log, r"terminated by signal|PANIC|server process .* was terminated",
            "no HTTP worker crashed in the whole test")
