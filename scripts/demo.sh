@@ -112,9 +112,10 @@ The demo cluster is running.
   remove:   rm -rf .demo
 EOT
 
-# the web viewer: mdd's HTTP service on the next port (set at server
-# start, hence the restart) and a role to sign in with
-http_port=${MDD_DEMO_HTTP_PORT:-$((port + 1))}
+# the web viewer (docs/viewer.md): mdd's HTTP service on the fourth port
+# after PostgreSQL's (read at server start, hence the restart) and a role
+# to sign in with
+http_port=${MDD_DEMO_HTTP_PORT:-$((port + 4))}
 if [[ $(q -tA -c "SHOW mdd.http_port") != "$http_port" ]]; then
 	q -c "ALTER SYSTEM SET mdd.http_port = $http_port"
 	scripts/cluster.sh stop "$demo/pgdata"
