@@ -57,7 +57,7 @@ BASE = f"http://127.0.0.1:{http_port}"
 OPERATOR = ("t94_operator", "operator pass")
 READER = ("t94_reader", "reader pass")
 
-plan(26)
+plan(27)
 
 # --------------------------------------------------------------------------
 # the cluster and its patients
@@ -78,6 +78,9 @@ try:
     pdf_size = os.path.getsize(pdf_path)
     execute(db, """SELECT mdd.store_document('RT-DEMO-001', pg_read_binary_file(%s), 'document.pdf',
                                               description => 'Treatment summary')""", (pdf_path,))
+    execute(db, """SELECT mdd.store_document('RT-DEMO-001', convert_to(%s, 'UTF8'), 'note.html', 'text/html',
+                                              description => 'A planted page')""",
+            ("<html><script>parent.document.title = 'planted'</script></html>",))
     execute(db, "SELECT mdd.add_storage('vault94', 'file', 'archive', jsonb_build_object('root', %s::text))",
             (archive_root,))
     execute(db, f"CREATE ROLE {OPERATOR[0]} LOGIN PASSWORD %s IN ROLE mdd_operator", (OPERATOR[1],))
@@ -232,6 +235,14 @@ try:
     is_(int(size), pdf_size, "the PDF opens in the page, all its bytes")
     time.sleep(1)
     b.screenshot(os.path.join(out, "05_document.png"))
+    b.js("""[...document.querySelectorAll("#tree li.doc")].find(li => li.textContent.includes('A planted page'))
+              .querySelector('button').click()""")
+    shown = b.wait_for("""const f = document.querySelector('#document-frame');
+                         return f.dataset.size === arguments[0] && [f.getAttribute('src'), document.title];""",
+                       str(len("<html><script>parent.document.title = 'planted'</script></html>")), what="the HTML document")
+    time.sleep(0.5)
+    ok(shown[0] == "about:blank" and b.js("return document.title") != "planted",
+       "an HTML document is not shown in the page (it could run script there): a download only", repr(shown))
 
     # ----------------------------------------------------------------------
     # data management: archive by the operator

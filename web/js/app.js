@@ -383,19 +383,26 @@ async function showDvh() {
 	}
 }
 
+const INLINE_TYPES = new Set(['application/pdf', 'text/plain', 'image/png', 'image/jpeg', 'image/gif', 'image/webp']);
+
 async function openDocument(d) {
 	showTab('document');
 	const frame = $('#document-frame');
 	$('#document-title').textContent = d.description || d.filename || `document ${d.id}`;
 	try {
 		const obj = await api('object', { id: d.id });
-		const blob = new Blob([base64Bytes(obj.data)], { type: obj.content_type || 'application/octet-stream' });
+		// only types that cannot run script in the page's origin are shown
+		// inside it (a blob: URL has the page's origin); others are downloads
+		const type = (obj.content_type || '').toLowerCase().split(';')[0].trim();
+		const inline = INLINE_TYPES.has(type);
+		const blob = new Blob([base64Bytes(obj.data)], { type: inline ? type : 'application/octet-stream' });
 		if (frame.dataset.url) URL.revokeObjectURL(frame.dataset.url);
 		const url = URL.createObjectURL(blob);
 		frame.dataset.url = url;
 		frame.dataset.objectId = d.id;
 		frame.dataset.size = blob.size;
-		frame.src = url;
+		frame.src = inline ? url : 'about:blank';
+		if (!inline) message(`${type || 'this type'} is not shown in the page: use "download"`);
 		$('#document-download').href = url;
 		$('#document-download').download = obj.filename || `document-${d.id}`;
 	} catch (e) {
