@@ -9,10 +9,12 @@
 #   3. pixels of the axial canvas: the PTV's colour along the PTV contour of
 #      the slice through the isocentre (and not there with structures off),
 #      the dose wash where the dose is high, nothing added where it is zero;
-#   4. the DVH plot in the ROI colours, the PDF document in the page;
+#   4. the DVH plot in the ROI colours, the PDF document in the page, an
+#      HTML document not shown there (it could run script in the page);
 #   5. an operator's archive click makes a job the page shows finishing, and
-#      the series with its RT objects is then on the archive tier; a
-#      reader's click is refused (403) and makes no job.
+#      the series with its RT objects is then on the archive tier; a restore
+#      click brings them back; a reader's click is refused (403, audited)
+#      and makes no job.
 # Screenshots go to $MDD_TEST_OUTPUT/94_viewer, by default
 # test/output/94_viewer in the repository.
 import json
@@ -57,7 +59,7 @@ BASE = f"http://127.0.0.1:{http_port}"
 OPERATOR = ("t94_operator", "operator pass")
 READER = ("t94_reader", "reader pass")
 
-plan(27)
+plan(28)
 
 # --------------------------------------------------------------------------
 # the cluster and its patients
@@ -277,6 +279,21 @@ try:
     msg = b.wait_for("""const m = document.querySelector('#message').textContent;
                         return /archive job \\d+ done/.test(m) && m;""", what="the job's message")
     ok(msg, "the page says the job is done", msg)
+
+    # and restores it
+    b.js("document.querySelector(`#tree button[data-action='restore'][data-series-uid='${arguments[0]}']`).click()",
+         ct_series)
+    job2 = b.wait_for("return document.body.dataset.lastJob !== arguments[0] && document.body.dataset.lastJob",
+                      str(job), what="the restore job")
+    final = b.wait_for("""const tr = document.querySelector(`#jobs tr[data-job='${arguments[0]}']`);
+                          return tr && ['done', 'failed', 'cancelled'].includes(tr.dataset.state) && tr.dataset.state;""",
+                       job2, timeout=90, what="the restore job to finish")
+    tiers = query_value(db, """SELECT array_agg(DISTINCT tier::text) FROM mdd.objects
+                               WHERE series_instance_uid = %s
+                                  OR (patient_id = 'RT-DEMO-001' AND modality IN ('RTSTRUCT', 'RTPLAN', 'RTDOSE'))""",
+                        (ct_series,))
+    ok(final == "done" and tiers == ["online"], "a restore click brings them back online, the job seen finishing",
+       f"job {job2} {final}, tiers {tiers}")
 
     # ----------------------------------------------------------------------
     # a reader may look but not archive
