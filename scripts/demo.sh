@@ -112,10 +112,10 @@ The demo cluster is running.
   remove:   rm -rf .demo
 EOT
 
-# the web viewer (docs/viewer.md): mdd's HTTP service on the fourth port
+# the web viewer (docs/viewer.md): mdd's HTTP service on the fifth port
 # after PostgreSQL's (read at server start, hence the restart) and a role
 # to sign in with
-http_port=${MDD_DEMO_HTTP_PORT:-$((port + 4))}
+http_port=${MDD_DEMO_HTTP_PORT:-$((port + 5))}
 if [[ $(q -tA -c "SHOW mdd.http_port") != "$http_port" ]]; then
 	q -c "ALTER SYSTEM SET mdd.http_port = $http_port"
 	scripts/cluster.sh stop "$demo/pgdata"
