@@ -235,7 +235,7 @@ try:
     b.js("document.querySelector(\"#tree button[data-action='open-document']\").click()")
     size = b.wait_for("return document.querySelector('#document-frame').dataset.size", what="the document")
     is_(int(size), pdf_size, "the PDF opens in the page, all its bytes")
-    time.sleep(1)
+    time.sleep(3)  # Chromium's PDF viewer draws the page a moment later
     b.screenshot(os.path.join(out, "05_document.png"))
     b.js("""[...document.querySelectorAll("#tree li.doc")].find(li => li.textContent.includes('A planted page'))
               .querySelector('button').click()""")
