@@ -232,3 +232,19 @@ The demo cluster is running.
   stop:     scripts/cluster.sh stop $demo/pgdata
   remove:   rm -rf $demo
 EOT
+
+# the web viewer (docs/viewer.md): mdd's HTTP service on the fifth port
+# after PostgreSQL's (read at server start, hence the restart) and a role
+# to sign in with
+http_port=${MDD_DEMO_HTTP_PORT:-$((port + 5))}
+if [[ $(q -tA -c "SHOW mdd.http_port") != "$http_port" ]]; then
+	q -c "ALTER SYSTEM SET mdd.http_port = $http_port"
+	scripts/cluster.sh stop "$demo/pgdata"
+	scripts/cluster.sh start "$demo/pgdata" "$port"
+fi
+q -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'demo') THEN
+          CREATE ROLE demo LOGIN PASSWORD 'demo' IN ROLE mdd_operator;
+        END IF;
+      END \$\$"
+echo "  viewer:   http://127.0.0.1:$http_port/  (role demo, password demo; see docs/viewer.md)"

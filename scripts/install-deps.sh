@@ -11,6 +11,7 @@ packages=(
 	clang libclang-rt-14-dev
 	libcurl4-openssl-dev libzstd-dev zstd openssl libssl-dev
 	libmicrohttpd-dev
+	chromium chromium-driver
 	nginx libnginx-mod-http-dav-ext
 )
 # the S3 test peer (s3rver) runs on Node.js; a Node.js from elsewhere will do

@@ -20,11 +20,11 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA mdd FROM PUBLIC;
 GRANT USAGE ON SCHEMA mdd TO mdd_reader;
 
 -- readers: search, read, reports
-GRANT SELECT ON mdd.objects, mdd.storages, mdd.nodes, mdd.jobs, mdd.rules TO mdd_reader;
+GRANT SELECT ON mdd.objects, mdd.patients, mdd.storages, mdd.nodes, mdd.jobs, mdd.rules TO mdd_reader;
 GRANT EXECUTE ON FUNCTION mdd.read(bigint, boolean), mdd.related(bigint),
 	mdd.parse(bytea), mdd.dvh(bigint, bigint, double precision),
 	mdd.find(text, text, text, text, text, text, text, text[], interval),
-	mdd.patient_list(text, boolean) TO mdd_reader;
+	mdd.patient_list(text, boolean), mdd.web_api(text, jsonb) TO mdd_reader;
 
 -- operators: bring objects in, send them out
 GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),

@@ -159,6 +159,13 @@ try:
        "HEAD: 200, the length of the file, no body", f"    got {status} {hdrs} {body[:80]}")
 
     # 3. /api
+    # without the viewer's mdd.web_api (sql/web_api.sql), taken out of the
+    # extension and dropped on this test's own cluster
+    execute(conn, """DO $$ BEGIN
+        IF to_regprocedure('mdd.web_api(text, jsonb)') IS NOT NULL THEN
+            ALTER EXTENSION mdd DROP FUNCTION mdd.web_api(text, jsonb);
+            DROP FUNCTION mdd.web_api(text, jsonb);
+        END IF; END $$""")
     status, _, body, _ = curl("/api/echo")
     is_(status, 404, "/api without mdd.web_api: 404")
     like(body.decode(), r"mdd\.web_api", "saying the web API is not installed")
