@@ -21,6 +21,7 @@
 
 #include "mdd.h"
 #include "../bgworker/http.h"
+#include "../bgworker/dicomweb.h"
 #include "../bgworker/workers.h"
 
 PG_MODULE_MAGIC;
@@ -199,6 +200,7 @@ _PG_init(void)
 
 	define_network_settings();
 	define_http_settings();
+	mdd_dicomweb_define_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();
