@@ -321,8 +321,9 @@ mdd_dicomweb_store(MddHttpRequest *req, const char *study)
 				 errdetail("Nothing was stored.")));
 	}
 	boundary = type_parameter(ctype, "boundary");
-	if (boundary == NULL || boundary[0] == '\0' || strlen(boundary) > 70)
-		bad_request(req, 400, "the multipart Content-Type has no valid boundary parameter");
+	if (boundary == NULL || boundary[0] == '\0' || strlen(boundary) > 200)
+		bad_request(req, 400, psprintf("the multipart Content-Type has no valid boundary parameter: %s",
+									   ctype));
 
 	parts = split_parts(req, req->body, req->body_len, boundary);
 
