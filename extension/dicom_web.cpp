@@ -75,7 +75,7 @@ isBulkVR(DcmEVR vr)
 {
 	return vr == EVR_OB || vr == EVR_OW || vr == EVR_OF || vr == EVR_OD ||
 		vr == EVR_OL || vr == EVR_OV || vr == EVR_UN || vr == EVR_ox ||
-		vr == EVR_px || vr == EVR_pixelSQ;
+		vr == EVR_px || vr == EVR_pixelSQ || vr == EVR_PixelData || vr == EVR_OverlayData;
 }
 
 /* read data into ff, with the statuses of mdd_dicom_parse */
