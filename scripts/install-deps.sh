@@ -12,6 +12,7 @@ packages=(
 	libcurl4-openssl-dev libzstd-dev zstd openssl
 	libmicrohttpd-dev
 	nginx libnginx-mod-http-dav-ext
+	orthanc-dicomweb chromium
 )
 # the S3 test peer (s3rver) runs on Node.js; a Node.js from elsewhere will do
 command -v node >/dev/null || packages+=(nodejs)
