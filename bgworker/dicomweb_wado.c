@@ -15,6 +15,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
+#include "access/detoast.h"
 #include "utils/builtins.h"
 
 #include "dicomweb.h"
@@ -23,6 +24,9 @@
 #define INSTANCES_SQL \
 	"SELECT object_id, size, transfer_syntax_uid, series_instance_uid, sop_instance_uid " \
 	"FROM mdd.dicom_instances($1, $2, $3)"
+
+/* a read transaction of a streamed retrieval takes objects up to this size */
+#define WADO_BATCH_BYTES (16 * 1024 * 1024)
 
 typedef struct WadoObject
 {
@@ -74,6 +78,69 @@ new_boundary(void)
 	return psprintf("mdd-%08x%08x", (unsigned) random(), (unsigned) random());
 }
 
+/*
+ * Read the next objects of the stream into its buffer, as many as make
+ * WADO_BATCH_BYTES (at least one), with one query: each read call runs in
+ * a transaction of its own, and the audit rows of the reads commit with
+ * it, so a batch costs one commit instead of one per object.
+ */
+static void
+wado_fill(WadoStream *s)
+{
+	MemoryContext m = GetMemoryChunkContext(s);
+	StringInfoData ids;
+	int			first = s->next;
+	int64		bytes = 0;
+	size_t		need = 0;
+	char	   *out;
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+
+	initStringInfo(&ids);
+	appendStringInfoChar(&ids, '{');
+	while (s->next < s->count && (s->next == first || bytes + s->objects[s->next].size <= WADO_BATCH_BYTES))
+	{
+		if (s->next > first)
+			appendStringInfoChar(&ids, ',');
+		appendStringInfo(&ids, INT64_FORMAT, s->objects[s->next].id);
+		bytes += s->objects[s->next].size;
+		s->next++;
+	}
+	appendStringInfoChar(&ids, '}');
+	args[0] = CStringGetTextDatum(ids.data);
+	if (SPI_execute_with_args("SELECT mdd.read(i) FROM unnest($1::bigint[]) WITH ORDINALITY AS x(i, n) ORDER BY n",
+							  1, types, args, NULL, false, 0) != SPI_OK_SELECT ||
+		SPI_processed != (uint64) (s->next - first))
+		elog(ERROR, "could not read objects %s", ids.data);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (isnull)
+			elog(ERROR, "an object of %s read as NULL", ids.data);
+		need += strlen(s->boundary) + 48 + toast_raw_datum_size(d);
+	}
+	out = MemoryContextAlloc(m, need + 1);
+	s->buf_len = 0;
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		bytea	   *data = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+		char	   *head = part_header(s->boundary, "application/dicom");
+		size_t		hl;
+
+		if (first + r == 0)
+			head += 2;			/* the body starts with the first delimiter */
+		hl = strlen(head);
+		memcpy(out + s->buf_len, head, hl);
+		memcpy(out + s->buf_len + hl, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data));
+		s->buf_len += hl + VARSIZE_ANY_EXHDR(data);
+	}
+	s->buf = out;
+	s->buf_pos = 0;
+}
+
 static size_t
 wado_read(void *ctx, uint64 pos, char *out, size_t max, bool *end)
 {
@@ -82,34 +149,16 @@ wado_read(void *ctx, uint64 pos, char *out, size_t max, bool *end)
 
 	if (s->buf == NULL || s->buf_pos == s->buf_len)
 	{
-		MemoryContext m = GetMemoryChunkContext(s);
-		MemoryContext old;
-
 		if (s->buf)
 		{
 			pfree(s->buf);
 			s->buf = NULL;
 		}
 		if (s->next < s->count)
-		{
-			bytea	   *data = mdd_dicomweb_read_object(s->objects[s->next].id);
-			char	   *head = part_header(s->boundary, "application/dicom");
-			size_t		hl;
-
-			if (s->next == 0)
-				head += 2;		/* the body starts with the first delimiter */
-			hl = strlen(head);
-
-			old = MemoryContextSwitchTo(m);
-			s->buf_len = hl + VARSIZE_ANY_EXHDR(data);
-			s->buf = palloc(s->buf_len);
-			MemoryContextSwitchTo(old);
-			memcpy(s->buf, head, hl);
-			memcpy(s->buf + hl, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data));
-			s->next++;
-		}
+			wado_fill(s);
 		else
 		{
+			MemoryContext old;
 			char	   *tail = psprintf("\r\n--%s--\r\n", s->boundary);
 
 			if (s->closed)
@@ -117,13 +166,13 @@ wado_read(void *ctx, uint64 pos, char *out, size_t max, bool *end)
 				*end = true;
 				return 0;
 			}
-			old = MemoryContextSwitchTo(m);
+			old = MemoryContextSwitchTo(GetMemoryChunkContext(s));
 			s->buf = pstrdup(tail);
 			s->buf_len = strlen(tail);
 			MemoryContextSwitchTo(old);
 			s->closed = true;
+			s->buf_pos = 0;
 		}
-		s->buf_pos = 0;
 	}
 	n = Min(max, s->buf_len - s->buf_pos);
 	memcpy(out, s->buf + s->buf_pos, n);
