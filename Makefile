@@ -14,18 +14,18 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 	extension/file_io.o extension/storage_file.o extension/tally.o \
 	extension/storage_remote.o extension/remote_transfer.o extension/remote_undo.o extension/compress.o \
 	extension/dicom_parse.o extension/dicom_json.o extension/dicom_net.o extension/dicom_common.o extension/dicom_stream.o extension/dicom_pdu_check.o extension/dicom_scu.o extension/dicom_retrieve.o extension/dicom_send.o extension/dicom_find.o extension/dicom_fetch.o extension/dicom_commit.o extension/dicom_service.o extension/dicom_tls.o extension/tls.o \
-	extension/dicom_rt.o extension/dvh.o \
+	extension/dicom_rt.o extension/dicom_web.o extension/dvh.o \
 	extension/network.o extension/send.o extension/commit.o extension/find.o extension/job_wake.o \
 	extension/shmem.o extension/rule_select.o extension/cron.o extension/throttle.o \
 	bgworker/worker_common.o bgworker/listen_socket.o bgworker/launcher.o \
 	bgworker/listener.o bgworker/runner.o bgworker/fetch_step.o bgworker/scheduler.o bgworker/find_worker.o \
 	bgworker/http_socket.o bgworker/http_worker.o bgworker/http_request.o bgworker/http_reply.o \
-	bgworker/http_auth.o bgworker/http_routes.o bgworker/http_static.o bgworker/http_api.o
+	bgworker/http_auth.o bgworker/http_routes.o bgworker/http_static.o bgworker/http_api.o bgworker/dicomweb.o bgworker/dicomweb_wado.o bgworker/dicomweb_stow.o
 
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/spanning.sql sql/retrieve.sql \
-	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/http.sql sql/web_api.sql sql/roles.sql
+	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/http.sql sql/web_api.sql sql/dicomweb.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 

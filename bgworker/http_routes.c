@@ -11,6 +11,7 @@
 #include "postgres.h"
 
 #include "http.h"
+#include "dicomweb.h"
 
 const MddHttpRoute mdd_http_routes[] = {
 	/* the web viewer's files (http_static.c) */
@@ -19,6 +20,9 @@ const MddHttpRoute mdd_http_routes[] = {
 
 	/* the JSON API of the web pages: mdd.web_api(name, params) (http_api.c) */
 	{"/api/", false, "GET, HEAD, POST", "mdd_reader", mdd_http_api},
+
+	/* DICOMweb: QIDO-RS, WADO-RS, STOW-RS (dicomweb*.c; STOW needs mdd_operator) */
+	{"/dicomweb/", false, "GET, HEAD, POST", "mdd_reader", mdd_dicomweb_handler},
 };
 
 const int	mdd_http_route_count = lengthof(mdd_http_routes);

@@ -627,6 +627,54 @@ extern MddDicomStatus mdd_dicom_read_structure_set(const unsigned char *data, si
 
 extern void mdd_dicom_free_structure_set(MddStructureSet *set);
 
+/* ---------------------------------------------------------------------
+ * DICOMweb (dicom_web.cpp)
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * The metadata of one object as a DICOM JSON object (PS3.18 F.2), written
+ * by DCMTK's JSON writer (dcm2json's), text decoded to UTF-8.  With
+ * bulk_threshold > 0, top-level binary values longer than that are given
+ * as BulkDataURI bulk_prefix + "/GGGGEEEE" instead of inline.
+ */
+extern MddDicomStatus mdd_dicomweb_metadata(const unsigned char *data, size_t len,
+											size_t bulk_threshold, const char *bulk_prefix,
+											char **json_out, char *errbuf, size_t errbuf_len);
+
+/*
+ * Search results as a DICOM JSON array: nrows objects of the ncols
+ * attributes names (keywords or "GGGGEEEE"), values[r * ncols + c] the
+ * value of row r (backslash-separated values; NULL or "" is empty).
+ */
+extern MddDicomStatus mdd_dicomweb_results(int nrows, int ncols, const char *const *names,
+										   const char *const *values, char **json_out,
+										   char *errbuf, size_t errbuf_len);
+
+/* the dictionary keyword of a keyword or "GGGGEEEE"; 0 when there is none */
+extern int	mdd_dicomweb_keyword(const char *name, char *keyword, size_t keyword_len);
+
+/*
+ * Frames numbers[0..count-1] (from 1) of an image with uncompressed pixel
+ * data, each of *frame_size bytes, one after the other in *out.
+ * MDD_DICOM_REFUSED: a frame number out of range; MDD_DICOM_UNSUPPORTED:
+ * compressed pixel data.
+ */
+extern MddDicomStatus mdd_dicomweb_frames(const unsigned char *data, size_t len,
+										  const int *numbers, int count, unsigned char **out,
+										  size_t *frame_size, char *errbuf, size_t errbuf_len);
+
+/*
+ * The value of the top-level binary attribute tag ("GGGGEEEE") as bytes
+ * (little endian).  MDD_DICOM_REFUSED: no such binary attribute.
+ */
+extern MddDicomStatus mdd_dicomweb_bulk(const unsigned char *data, size_t len, const char *tag,
+										unsigned char **out, size_t *out_len,
+										char *errbuf, size_t errbuf_len);
+
+/* release what the functions above handed out */
+extern void mdd_dicomweb_free(void *p);
+
 #ifdef __cplusplus
 }
 #endif

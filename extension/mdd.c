@@ -22,6 +22,7 @@
 #include "mdd.h"
 #include "../bgworker/http.h"
 #include "tls.h"
+#include "../bgworker/dicomweb.h"
 #include "../bgworker/workers.h"
 
 PG_MODULE_MAGIC;
@@ -201,6 +202,7 @@ _PG_init(void)
 	define_network_settings();
 	define_http_settings();
 	mdd_define_tls_settings();
+	mdd_dicomweb_define_settings();
 	MarkGUCPrefixReserved("mdd");
 
 	mdd_storage_file_init();

@@ -13,6 +13,7 @@ packages=(
 	libmicrohttpd-dev
 	chromium chromium-driver
 	nginx libnginx-mod-http-dav-ext
+	orthanc-dicomweb chromium
 )
 # the S3 test peer (s3rver) runs on Node.js; a Node.js from elsewhere will do
 command -v node >/dev/null || packages+=(nodejs)

@@ -25,6 +25,9 @@ GRANT EXECUTE ON FUNCTION mdd.read(bigint, boolean), mdd.related(bigint),
 	mdd.parse(bytea), mdd.dvh(bigint, bigint, double precision),
 	mdd.find(text, text, text, text, text, text, text, text[], interval),
 	mdd.patient_list(text, boolean), mdd.web_api(text, jsonb) TO mdd_reader;
+-- DICOMweb search and retrieval (sql/dicomweb.sql)
+GRANT EXECUTE ON FUNCTION mdd.dicom_search(text, jsonb, text[], integer, integer, boolean),
+	mdd.dicom_search_ignored(text, jsonb), mdd.dicom_instances(text, text, text) TO mdd_reader;
 
 -- operators: bring objects in, send them out
 GRANT EXECUTE ON FUNCTION mdd.store(bytea, text), mdd.store_file(text, text),
