@@ -16,6 +16,7 @@ CREATE TEMP TABLE expected_role (function text PRIMARY KEY, role text NOT NULL);
 INSERT INTO expected_role VALUES
 	('read', 'mdd_reader'), ('related', 'mdd_reader'), ('parse', 'mdd_reader'), ('dvh', 'mdd_reader'),
 	('find', 'mdd_reader'), ('patient_list', 'mdd_reader'), ('web_api', 'mdd_reader'),
+	('dicom_search', 'mdd_reader'), ('dicom_search_ignored', 'mdd_reader'), ('dicom_instances', 'mdd_reader'),
 	('store', 'mdd_operator'), ('store_file', 'mdd_operator'), ('import', 'mdd_operator'),
 	('store_document', 'mdd_operator'), ('export', 'mdd_operator'), ('echo', 'mdd_operator'),
 	('archive', 'mdd_operator'), ('restore', 'mdd_operator'), ('send', 'mdd_operator'),
