@@ -49,7 +49,7 @@ VIEWS = {
     "mdd.nodes": "SELECT * FROM mdd.nodes ORDER BY name",
     "mdd.rules": "SELECT * FROM mdd.rules ORDER BY name",
     "mdd.jobs": "SELECT * FROM mdd.jobs ORDER BY id",
-    "mdd.audit_log": "SELECT * FROM mdd.audit_log ORDER BY at, action, object_id",
+    "mdd.audit_log": "SELECT * FROM mdd.audit_log a ORDER BY at, a::text",
     "mdd.copy": "SELECT * FROM mdd.copy ORDER BY object, storage",
     "mdd.reference": "SELECT * FROM mdd.reference ORDER BY object, kind, uid",
 }
