@@ -407,7 +407,7 @@ try:
     qr2.stop()
     ok(wait_for(lambda: job_row(job)["attempts"] >= 1, 30) and job_row(job)["state"] == "running",
        "while QR2 is down the job waits and retries", f"    {job_row(job)}")
-    like(job_row(job)["error"], r"node t68qr2\b.*SQLSTATE 080(01|06)",
+    like(job_row(job)["error"], r"(?s)node t68qr2\b.*SQLSTATE 080(01|06)",
          "its error says the association with QR2 failed or it cannot be reached")
     qr2.start()
     is_(wait(job), "done", "QR2 started again: the job completes")
