@@ -25,7 +25,7 @@ OBJS = extension/mdd.o extension/parse.o extension/paths.o \
 # the install script is assembled from sql/, in this order
 SQL_PARTS = sql/schema.sql sql/storage.sql sql/audit.sql sql/ingest.sql \
 	sql/read.sql sql/views.sql sql/nodes.sql sql/find.sql sql/spanning.sql sql/retrieve.sql \
-	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/http.sql sql/web_api.sql sql/dicomweb.sql sql/roles.sql
+	sql/jobs.sql sql/lifecycle.sql sql/fixity.sql sql/send.sql sql/commitment.sql sql/fetch.sql sql/span_wire.sql sql/rules.sql sql/retention.sql sql/dvh.sql sql/backup.sql sql/http.sql sql/web_api.sql sql/dicomweb.sql sql/roles.sql
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql $(EXTENSION).control
 

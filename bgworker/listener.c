@@ -334,6 +334,7 @@ typedef struct FindWork
 	const char *level;
 	const char *keys_json;
 	MddFindResult *result;
+	bool		remote;			/* the span nodes' matches, not the catalog's */
 } FindWork;
 
 /*
@@ -356,12 +357,15 @@ find_work(Peer *peer, void *ctx)
 	char	 ***rows;
 	char	   *p;
 
-	values[0] = mdd_wire_text_datum(w->model);
+	values[0] = mdd_wire_text_datum(w->remote ? peer->calling_ae : w->model);
 	values[1] = mdd_wire_text_datum(w->level);
 	values[2] = mdd_wire_text_datum(w->keys_json);
-	run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
+	if (w->remote)
+		run_sql("SELECT * FROM mdd._dicom_find_remote($1, $2, $3::jsonb)", 3, types, values, NULL);
+	else
+		run_sql("SELECT * FROM mdd._dicom_find($1, $2, $3::jsonb)", 3, types, values, NULL);
 	if (SPI_processed < 1)
-		elog(ERROR, "mdd._dicom_find returned no keyword row");
+		elog(ERROR, "the C-FIND matches came without their keyword row");
 	nnames = text_array_elements(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &names);
 
 	/* the values, converted once; then one allocation for all */
@@ -401,6 +405,7 @@ find_work(Peer *peer, void *ctx)
 	result->nrows = (int) (SPI_processed - 1);
 
 	/* the query served, in the audit trail (in this transaction) */
+	if (!w->remote)
 	{
 		Oid			atypes[6] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
 		Datum		avalues[6];
@@ -416,16 +421,16 @@ find_work(Peer *peer, void *ctx)
 }
 
 static unsigned short
-find_callback(void *arg, const char *model, const char *level, const char *keys_json,
-			  MddFindResult *result, char *comment, size_t comment_len)
+find_matches(Peer *peer, const char *model, const char *level, const char *keys_json,
+			 MddFindResult *result, bool remote, char *comment, size_t comment_len)
 {
-	Peer	   *peer = (Peer *) arg;
-	FindWork	w = {model, level, keys_json, result};
+	FindWork	w = {model, level, keys_json, result, remote};
 	ErrorData  *edata;
 	unsigned short status = 0x0000;
 
 	memset(result, 0, sizeof(*result));
-	edata = run_in_transaction(peer, "DICOM C-FIND", find_work, &w);
+	edata = run_in_transaction(peer, remote ? "DICOM C-FIND, spanned nodes" : "DICOM C-FIND",
+							   find_work, &w);
 	if (edata)
 	{
 		free(result->items);
@@ -434,11 +439,30 @@ find_callback(void *arg, const char *model, const char *level, const char *keys_
 		status = edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ? 0xA900 : 0xC000;
 		snprintf(comment, comment_len, "%s", edata->message);
 		ereport(LOG,
-				(errmsg("mdd dicom listener %d: C-FIND from \"%s\" at %s failed: %s",
-						peer->listener, peer->calling_ae, peer->host, edata->message)));
+				(errmsg("mdd dicom listener %d: C-FIND from \"%s\" at %s failed%s: %s",
+						peer->listener, peer->calling_ae, peer->host,
+						remote ? " on the spanned nodes" : "", edata->message)));
 	}
 	end_callback(peer);
 	return status;
+}
+
+/* C-FIND: the catalog's matches */
+static unsigned short
+find_callback(void *arg, const char *model, const char *level, const char *keys_json,
+			  MddFindResult *result, char *comment, size_t comment_len)
+{
+	return find_matches((Peer *) arg, model, level, keys_json, result, false,
+						comment, comment_len);
+}
+
+/* C-FIND, query spanning: the span nodes' matches, sent after the catalog's */
+static unsigned short
+find_remote_callback(void *arg, const char *model, const char *level, const char *keys_json,
+					 MddFindResult *result, char *comment, size_t comment_len)
+{
+	return find_matches((Peer *) arg, model, level, keys_json, result, true,
+						comment, comment_len);
 }
 
 typedef struct RetrieveWork
@@ -449,6 +473,7 @@ typedef struct RetrieveWork
 	const char *keys_json;
 	const char *destination;
 	MddRetrieveList *list;
+	const char *forward_jobs;	/* move forwarding: the retrieve jobs, '{...}', or NULL */
 } RetrieveWork;
 
 /* the objects mdd._dicom_retrieve selects, in malloc()ed memory the C++ side frees */
@@ -502,6 +527,95 @@ retrieve_work(Peer *peer, void *ctx)
 			*fields[col - 2] = append_string(&p, v ? v : "");
 		}
 	}
+
+	/* move forwarding: what the jobs were to bring and did not */
+	if (w->forward_jobs)
+	{
+		Oid			ftypes[1] = {TEXTOID};
+		Datum		fvalues[1];
+		char	  **missing;
+		StringInfoData joined;
+
+		fvalues[0] = CStringGetTextDatum(w->forward_jobs);
+		run_sql("SELECT mdd._forward_missing($1::bigint[])", 1, ftypes, fvalues, NULL);
+		list->nmissing = text_array_elements(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &missing);
+		initStringInfo(&joined);
+		for (int i = 0; i < list->nmissing; i++)
+			appendStringInfo(&joined, "%s%s", i > 0 ? "\\" : "", missing[i]);
+		if (list->nmissing > 0)
+		{
+			list->missing_uids = malloc_or_error(joined.len + 1);
+			memcpy(list->missing_uids, joined.data, joined.len + 1);
+		}
+	}
+}
+
+typedef struct ForwardWork
+{
+	const char *level;
+	const char *keys_json;
+	char	   *jobs;			/* out: '{...}' in the peer's scratch context, or NULL */
+} ForwardWork;
+
+/*
+ * Move forwarding, first part: retrieve jobs for what the identifier names
+ * and only span nodes hold (mdd._forward_queue); committed at once, so
+ * that the job runners start on them.
+ */
+static void
+forward_queue_work(Peer *peer, void *ctx)
+{
+	ForwardWork *w = (ForwardWork *) ctx;
+	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char	   *jobs;
+
+	values[0] = mdd_wire_text_datum(peer->calling_ae);
+	values[1] = mdd_wire_text_datum(w->level);
+	values[2] = mdd_wire_text_datum(w->keys_json);
+	run_sql("SELECT mdd._forward_queue($1, $2, $3::jsonb)::text", 3, types, values, NULL);
+	jobs = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (jobs && strcmp(jobs, "{}") != 0)
+		w->jobs = MemoryContextStrdup(peer->scratch, jobs);
+}
+
+/* second part: wait for those jobs, at most mdd.dicom_dimse_timeout */
+static void
+forward_wait_work(Peer *peer, void *ctx)
+{
+	ForwardWork *w = (ForwardWork *) ctx;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum(w->jobs);
+	run_sql("SELECT mdd._forward_wait($1::bigint[], current_setting('mdd.dicom_dimse_timeout')::interval)",
+			1, types, values, NULL);
+}
+
+/*
+ * Move forwarding: before a C-MOVE or C-GET is served from the catalog,
+ * bring what only span nodes hold.  Returns the jobs queued, or NULL; a
+ * failure here leaves the request to be served with what is here.
+ */
+static const char *
+forward(Peer *peer, const char *operation, const char *level, const char *keys_json)
+{
+	ForwardWork w = {level, keys_json, NULL};
+	ErrorData  *edata;
+
+	edata = run_in_transaction(peer, "DICOM move forwarding", forward_queue_work, &w);
+	if (edata == NULL && w.jobs != NULL)
+	{
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: %s from \"%s\": fetching from the span nodes (jobs %s)",
+						peer->listener, operation, peer->calling_ae, w.jobs)));
+		edata = run_in_transaction(peer, "DICOM move forwarding, waiting", forward_wait_work, &w);
+	}
+	if (edata)
+		ereport(LOG,
+				(errmsg("mdd dicom listener %d: %s from \"%s\": forwarding from the span nodes failed: %s",
+						peer->listener, operation, peer->calling_ae, edata->message)));
+	return w.jobs;
 }
 
 static unsigned short
@@ -510,16 +624,18 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 				  char *comment, size_t comment_len)
 {
 	Peer	   *peer = (Peer *) arg;
-	RetrieveWork w = {operation, model, level, keys_json, destination, list};
+	RetrieveWork w = {operation, model, level, keys_json, destination, list, NULL};
 	ErrorData  *edata;
 	unsigned short status = 0x0000;
 
 	memset(list, 0, sizeof(*list));
+	w.forward_jobs = forward(peer, operation, level, keys_json);
 	edata = run_in_transaction(peer, operation, retrieve_work, &w);
 	if (edata)
 	{
 		free(list->items);
 		free(list->strings);
+		free(list->missing_uids);
 		memset(list, 0, sizeof(*list));
 		status = edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE ? 0xA900 : 0xC000;
 		snprintf(comment, comment_len, "%s", edata->message);
@@ -741,6 +857,7 @@ serve_connection(int fd, Peer *peer, bool tls)
 	callbacks.admit = admit_callback;
 	callbacks.store = store_callback;
 	callbacks.find = find_callback;
+	callbacks.find_remote = find_remote_callback;
 	callbacks.retrieve = retrieve_callback;
 	callbacks.destination = destination_callback;
 	callbacks.fetch = fetch_callback;

@@ -103,6 +103,14 @@ typedef struct MddRetrieveList
 	int			nitems;
 	MddRetrieveItem *items;		/* free() */
 	char	   *strings;		/* free(): the text items point into */
+
+	/*
+	 * Move forwarding: instances the request asked for that a span node was
+	 * to bring here and did not; each is a failed sub-operation.  Their SOP
+	 * Instance UIDs joined by backslashes (free(); may be NULL).
+	 */
+	int			nmissing;
+	char	   *missing_uids;
 } MddRetrieveList;
 
 /*
@@ -170,6 +178,15 @@ typedef struct MddDicomCallbacks
 	unsigned short (*find) (void *arg, const char *model, const char *level,
 							const char *keys_json, MddFindResult *result,
 							char *comment, size_t comment_len);
+
+	/*
+	 * Query spanning: called after the matches of find were sent, for the
+	 * matches of the nodes mdd spans (same arguments; may be NULL).  A
+	 * failure status leaves the query answered with the local matches only.
+	 */
+	unsigned short (*find_remote) (void *arg, const char *model, const char *level,
+								   const char *keys_json, MddFindResult *result,
+								   char *comment, size_t comment_len);
 
 	/*
 	 * Select the objects of a C-MOVE or C-GET identifier (same arguments

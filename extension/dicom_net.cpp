@@ -104,6 +104,9 @@ private:
 	bool handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req);
 	bool sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
 						unsigned short status, const char *comment);
+	bool sendMatches(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
+					 const OFString &level, const std::vector<DcmTagKey> &asked,
+					 const MddFindResult &result, bool &cancelled);
 
 	MddServedAssociation sa_;
 	int			stored_;
@@ -216,6 +219,63 @@ Association::sendFindStatus(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ
 }
 
 /*
+ * Send the matches of result as pending C-FIND responses, each holding every
+ * key that was asked (asked) and the values result has, in UTF-8.  Stops
+ * at a C-CANCEL (cancelled set).  False when a response could not be sent.
+ */
+bool
+Association::sendMatches(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &req,
+						 const OFString &level, const std::vector<DcmTagKey> &asked,
+						 const MddFindResult &result, bool &cancelled)
+{
+	bool		ok = true;
+	int			item = 0;
+	std::unordered_map<const char *, std::pair<bool, DcmTag>> tags;
+
+	for (int row = 0; row < result.nrows && ok; row++)
+	{
+		DcmDataset	match;
+		T_DIMSE_C_FindRSP rsp;
+
+		if (DIMSE_checkForCancelRQ(sa_.assoc, presID, req.MessageID).good())
+		{
+			cancelled = true;
+			break;
+		}
+		match.putAndInsertString(DCM_SpecificCharacterSet, "ISO_IR 192");
+		match.putAndInsertString(DCM_QueryRetrieveLevel, level.c_str());
+		for (const DcmTagKey &key : asked)
+			match.insertEmptyElement(key);
+		for (; item < result.nitems && result.items[item].row == row; item++)
+		{
+			/* a keyword's text is shared by all rows: look its tag up once */
+			const char *keyword = result.items[item].keyword;
+			auto		known = tags.find(keyword);
+
+			if (known == tags.end())
+			{
+				DcmTag		tag;
+				bool		found = DcmTag::findTagFromName(keyword, tag).good();
+
+				known = tags.emplace(keyword, std::make_pair(found, tag)).first;
+			}
+			if (known->second.first)
+				match.putAndInsertString(known->second.second, result.items[item].value);
+		}
+
+		memset(&rsp, 0, sizeof(rsp));
+		rsp.MessageIDBeingRespondedTo = req.MessageID;
+		rsp.DimseStatus = STATUS_FIND_Pending_MatchesAreContinuing;
+		rsp.DataSetType = DIMSE_DATASET_PRESENT;
+		OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
+							sizeof(rsp.AffectedSOPClassUID));
+		rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
+		ok = DIMSE_sendFindResponse(sa_.assoc, presID, &req, &rsp, &match, NULL).good();
+	}
+	return ok;
+}
+
+/*
  * C-FIND: the identifier's keys go to the C side as JSON; each match comes
  * back as a pending response holding every key that was asked, in UTF-8.
  */
@@ -260,55 +320,32 @@ Association::handleFind(T_ASC_PresentationContextID presID, T_DIMSE_C_FindRQ &re
 	if (status != STATUS_Success)
 		return sendFindStatus(presID, req, status, comment);
 
-	bool		ok = true;
 	bool		cancelled = false;
-	int			item = 0;
-	std::unordered_map<const char *, std::pair<bool, DcmTag>> tags;
+	bool		ok = sendMatches(presID, req, level, asked, result, cancelled);
 
-	for (int row = 0; row < result.nrows && ok; row++)
-	{
-		DcmDataset	match;
-		T_DIMSE_C_FindRSP rsp;
-
-		if (DIMSE_checkForCancelRQ(sa_.assoc, presID, req.MessageID).good())
-		{
-			cancelled = true;
-			break;
-		}
-		match.putAndInsertString(DCM_SpecificCharacterSet, "ISO_IR 192");
-		match.putAndInsertString(DCM_QueryRetrieveLevel, level.c_str());
-		for (const DcmTagKey &key : asked)
-			match.insertEmptyElement(key);
-		for (; item < result.nitems && result.items[item].row == row; item++)
-		{
-			/* a keyword's text is shared by all rows: look its tag up once */
-			const char *keyword = result.items[item].keyword;
-			auto		known = tags.find(keyword);
-
-			if (known == tags.end())
-			{
-				DcmTag		tag;
-				bool		found = DcmTag::findTagFromName(keyword, tag).good();
-
-				known = tags.emplace(keyword, std::make_pair(found, tag)).first;
-			}
-			if (known->second.first)
-				match.putAndInsertString(known->second.second, result.items[item].value);
-		}
-
-		memset(&rsp, 0, sizeof(rsp));
-		rsp.MessageIDBeingRespondedTo = req.MessageID;
-		rsp.DimseStatus = STATUS_FIND_Pending_MatchesAreContinuing;
-		rsp.DataSetType = DIMSE_DATASET_PRESENT;
-		OFStandard::strlcpy(rsp.AffectedSOPClassUID, req.AffectedSOPClassUID,
-							sizeof(rsp.AffectedSOPClassUID));
-		rsp.opts = O_FIND_AFFECTEDSOPCLASSUID;
-		ok = DIMSE_sendFindResponse(sa_.assoc, presID, &req, &rsp, &match, NULL).good();
-	}
 	free(result.items);
 	free(result.strings);
 	if (!ok)
 		return false;
+
+	/* query spanning: the nodes' matches, after the local ones went */
+	if (!cancelled && sa_.cb->find_remote)
+	{
+		memset(&result, 0, sizeof(result));
+		status = sa_.cb->find_remote(sa_.cb->arg, model.c_str(), level.c_str(), keys.c_str(),
+									 &result, comment, sizeof(comment));
+		if (status != STATUS_Success)
+			log(MDD_LOG_WARNING, "C-FIND from " + sa_.callingAE +
+				": the spanned nodes' matches are left out: " + comment);
+		else
+		{
+			ok = sendMatches(presID, req, level, asked, result, cancelled);
+			free(result.items);
+			free(result.strings);
+			if (!ok)
+				return false;
+		}
+	}
 	return sendFindStatus(presID, req,
 						  cancelled ? STATUS_FIND_Cancel_MatchingTerminatedDueToCancelRequest
 						  : STATUS_Success, NULL);

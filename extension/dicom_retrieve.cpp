@@ -43,8 +43,8 @@ struct SubOperations
 /* owns the list the retrieve callback filled */
 struct RetrieveList : MddRetrieveList
 {
-	RetrieveList() { nitems = 0; items = NULL; strings = NULL; }
-	~RetrieveList() { free(items); free(strings); }
+	RetrieveList() { nitems = 0; items = NULL; strings = NULL; nmissing = 0; missing_uids = NULL; }
+	~RetrieveList() { free(items); free(strings); free(missing_uids); }
 };
 
 /* one C-MOVE or C-GET being served */
@@ -332,8 +332,27 @@ Retrieval::run(const std::string &destination)
 	if (status != STATUS_Success)
 		return refuse(status, comment);
 	ops_.remaining = list.nitems;
+	/* forwarded instances that did not come: failed before anything is sent */
+	if (list.nmissing > 0)
+	{
+		std::string uids(list.missing_uids ? list.missing_uids : "");
+		size_t		start = 0;
+
+		ops_.failed += list.nmissing;
+		while (!uids.empty() && start <= uids.size())
+		{
+			size_t		end = uids.find('\\', start);
+
+			if (end == std::string::npos)
+				end = uids.size();
+			ops_.failedUIDs.push_back(uids.substr(start, end - start));
+			start = end + 1;
+		}
+		sa_.log(MDD_LOG_WARNING, operation_ + " for " + sa_.callingAE + ": " +
+				std::to_string(list.nmissing) + " instances could not be fetched from the nodes that hold them");
+	}
 	if (list.nitems == 0)
-		return respond(STATUS_Success, "", true);
+		return respond(list.nmissing > 0 ? STATUS_MOVE_Failed_UnableToProcess : STATUS_Success, "", true);
 
 	bool		ok;
 

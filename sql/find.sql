@@ -202,10 +202,18 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	q record := mdd._match_query(model, level, keys, false);
+	names text[] := q.names;
+	exprs text[] := q.exprs;
 BEGIN
-	RETURN NEXT q.names;
+	-- where the matches can be retrieved from: this archive (the answers
+	-- of spanned nodes name theirs, sql/span_wire.sql)
+	IF keys ? 'RetrieveAETitle' THEN
+		names := names || 'RetrieveAETitle'::text;
+		exprs := exprs || quote_literal(current_setting('mdd.ae_title'));
+	END IF;
+	RETURN NEXT names;
 	RETURN QUERY EXECUTE format('SELECT ARRAY[%s]::text[] %s ORDER BY %s',
-								array_to_string(q.exprs, ', '), q.from_where,
+								array_to_string(exprs, ', '), q.from_where,
 								(ARRAY['p.id', 'st.id', 'se.id', 'o.id'])[q.lvl + 1]);
 END;
 $$;

@@ -27,6 +27,9 @@ CREATE INDEX ON mdd.node (ae_title);
 -- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
 -- take to answer.  {"retrieve_by": "move" or
 -- "get"} (default "move"): how mdd.retrieve asks it for objects.
+-- {"span": bool} (default false): C-FINDs sent to mdd's own AE are also
+-- answered from this node, and C-MOVEs and C-GETs to mdd for objects only
+-- it holds are forwarded from it (sql/span_wire.sql).
 -- A node by name; 42704 when there is none.
 CREATE FUNCTION mdd._node(name text) RETURNS mdd.node
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -78,11 +81,11 @@ BEGIN
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
 	FROM jsonb_object_keys(options) k
-	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by', 'tls');
+	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by', 'tls', 'span');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
 			USING ERRCODE = '22023',
-				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout", "retrieve_by" and "tls".';
+				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout", "retrieve_by", "tls" and "span".';
 	END IF;
 	-- tls: every association mdd requests of the node is DICOM over TLS, and
 	-- the node's own are accepted on the TLS port only (docs/admin.md)
@@ -95,6 +98,7 @@ BEGIN
 			USING ERRCODE = '22023', HINT = 'It is "move" (C-MOVE to this archive) or "get" (C-GET).';
 	END IF;
 	PERFORM (options->>'find')::boolean;	-- 22P02 unless a boolean, as the others below
+	PERFORM (options->>'span')::boolean;
 	IF options ? 'find_timeout' AND (jsonb_typeof(options->'find_timeout') <> 'number'
 									 OR (options->>'find_timeout')::numeric NOT BETWEEN 0.001 AND 86400) THEN
 		RAISE EXCEPTION 'invalid node option "find_timeout": %', options->'find_timeout'
