@@ -51,6 +51,8 @@ typedef struct Peer
 	char		host[64];
 	char		calling_ae[20];
 	MemoryContext scratch;		/* reset after each callback */
+	char	   *forward_jobs;	/* the retrieve jobs of the C-MOVE or C-GET being
+								 * served, '{...}' (malloc), or NULL */
 } Peer;
 
 /* show the association served in pg_stat_activity */
@@ -630,6 +632,8 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 
 	memset(list, 0, sizeof(*list));
 	w.forward_jobs = forward(peer, operation, level, keys_json);
+	free(peer->forward_jobs);
+	peer->forward_jobs = w.forward_jobs ? strdup(w.forward_jobs) : NULL;
 	edata = run_in_transaction(peer, operation, retrieve_work, &w);
 	if (edata)
 	{
@@ -646,6 +650,40 @@ retrieve_callback(void *arg, const char *operation, const char *model, const cha
 	}
 	end_callback(peer);
 	return status;
+}
+
+/* remove what was fetched only to be passed on (mdd.forward_keep off) */
+static void
+forward_release_work(Peer *peer, void *ctx)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum(peer->forward_jobs);
+	run_sql("SELECT mdd._forward_release($1::bigint[])", 1, types, values, NULL);
+}
+
+/* a C-MOVE or C-GET ended: its forwarded objects go unless they are kept */
+static void
+retrieve_done_callback(void *arg)
+{
+	Peer	   *peer = (Peer *) arg;
+
+	if (peer->forward_jobs == NULL)
+		return;
+	if (!mdd_forward_keep)
+	{
+		ErrorData  *edata = run_in_transaction(peer, "DICOM move forwarding, release",
+											   forward_release_work, NULL);
+
+		if (edata)
+			ereport(LOG,
+					(errmsg("mdd dicom listener %d: the objects forwarded to \"%s\" could not be removed: %s",
+							peer->listener, peer->calling_ae, edata->message)));
+		end_callback(peer);
+	}
+	free(peer->forward_jobs);
+	peer->forward_jobs = NULL;
 }
 
 typedef struct DestinationWork
@@ -859,6 +897,7 @@ serve_connection(int fd, Peer *peer, bool tls)
 	callbacks.find = find_callback;
 	callbacks.find_remote = find_remote_callback;
 	callbacks.retrieve = retrieve_callback;
+	callbacks.retrieve_done = retrieve_done_callback;
 	callbacks.destination = destination_callback;
 	callbacks.fetch = fetch_callback;
 	callbacks.commit = commit_callback;

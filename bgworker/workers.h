@@ -27,6 +27,7 @@ extern int	mdd_dicom_acse_timeout;
 extern int	mdd_dicom_dimse_timeout;
 extern int	mdd_job_workers;
 extern int	mdd_find_timeout;
+extern bool mdd_forward_keep;
 
 /* listen_socket.c: the DICOM port, opened by the postmaster */
 extern int	mdd_listen_fd;

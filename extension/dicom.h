@@ -200,6 +200,12 @@ typedef struct MddDicomCallbacks
 								char *comment, size_t comment_len);
 
 	/*
+	 * Called once a C-MOVE or C-GET for which retrieve was called has ended
+	 * (its last response sent, or the association lost); may be NULL.
+	 */
+	void		(*retrieve_done) (void *arg);
+
+	/*
 	 * Where a C-MOVE destination listens: 0 with host and port filled (and
 	 * *tls true when it is called over TLS), or
 	 * the DIMSE failure status (0xA801 for an AE that is no known node).

@@ -405,13 +405,20 @@ mddHandleMove(MddServedAssociation &sa, T_ASC_PresentationContextID presID, T_DI
 
 	while (!destination.empty() && destination.back() == ' ')
 		destination.pop_back();
-	return r.run(destination);
+	bool		ok = r.run(destination);
+
+	if (sa.cb->retrieve_done)
+		sa.cb->retrieve_done(sa.cb->arg);
+	return ok;
 }
 
 bool
 mddHandleGet(MddServedAssociation &sa, T_ASC_PresentationContextID presID, T_DIMSE_C_GetRQ &req)
 {
 	Retrieval	r(sa, presID, NULL, &req);
+	bool		ok = r.run("");
 
-	return r.run("");
+	if (sa.cb->retrieve_done)
+		sa.cb->retrieve_done(sa.cb->arg);
+	return ok;
 }

@@ -42,6 +42,7 @@ int			mdd_dicom_acse_timeout = 30;
 int			mdd_dicom_dimse_timeout = 60;
 int			mdd_job_workers = 2;
 int			mdd_find_timeout = 10000;
+bool		mdd_forward_keep = true;
 int			mdd_http_port = 0;
 char	   *mdd_http_listen_address = NULL;
 int			mdd_http_workers = 2;
@@ -97,6 +98,10 @@ define_network_settings(void)
 							"Time a node may take to answer mdd.find, unless its node option find_timeout says otherwise.",
 							NULL, &mdd_find_timeout, 10000, 1, 86400000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomBoolVariable("mdd.forward_keep",
+							 "Keep in the archive the objects fetched from span nodes to forward a C-MOVE or C-GET; off removes them once passed on.",
+							 NULL, &mdd_forward_keep, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 }
 
 /* the settings of the HTTP service (bgworker/http_*.c) */

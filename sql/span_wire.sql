@@ -267,3 +267,60 @@ BEGIN
 	END LOOP;
 END;
 $$;
+
+-- Move forwarding with mdd.forward_keep off: once the C-MOVE or C-GET has
+-- been answered, remove the objects its jobs brought that were not here
+-- before, unless something else has taken them up meanwhile (a job item,
+-- a delivery record, a copy still being made): their copies (blobs, then
+-- rows), the object, and the series and study left empty, with the
+-- counts kept right.  Returns how many objects were removed.
+CREATE FUNCTION mdd._forward_release(jobs bigint[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	o mdd.object;
+	c record;
+	removed integer := 0;
+BEGIN
+	FOR o IN
+		SELECT ob.* FROM mdd.object ob
+		WHERE ob.id IN (SELECT ji.object FROM mdd.job_instance ji
+						WHERE ji.job = ANY (jobs) AND NOT ji.present_before AND ji.object IS NOT NULL)
+		  AND NOT EXISTS (SELECT 1 FROM mdd.job_item i WHERE i.object = ob.id)
+		  AND NOT EXISTS (SELECT 1 FROM mdd.delivered d WHERE d.object = ob.id)
+		  AND NOT EXISTS (SELECT 1 FROM mdd.copy cp WHERE cp.object = ob.id AND cp.state <> 'present')
+		ORDER BY ob.id
+		FOR UPDATE OF ob
+	LOOP
+		-- the rows go first: a blob whose row is gone is garbage, a row
+		-- whose blob is gone would be a lost object
+		FOR c IN SELECT cp.locator, s FROM mdd.copy cp JOIN mdd.storage s ON s.id = cp.storage
+				 WHERE cp.object = o.id LOOP
+			DELETE FROM mdd.copy cp WHERE cp.object = o.id AND cp.locator = c.locator;
+			PERFORM mdd._delete(c.s, c.locator, true);
+		END LOOP;
+		UPDATE mdd.job_instance ji SET object = NULL WHERE ji.object = o.id;
+		DELETE FROM mdd.object ob WHERE ob.id = o.id;
+		UPDATE mdd.series se SET object_count = se.object_count - 1 WHERE se.id = o.series;
+		UPDATE mdd.study st SET object_count = st.object_count - 1 WHERE st.id = o.study;
+		IF NOT EXISTS (SELECT 1 FROM mdd.object x WHERE x.series = o.series) THEN
+			DELETE FROM mdd.series se WHERE se.id = o.series;
+			UPDATE mdd.study st
+			SET series_count = st.series_count - 1,
+				modalities = coalesce((SELECT array_agg(DISTINCT se.modality ORDER BY se.modality)
+									   FROM mdd.series se WHERE se.study = st.id AND se.modality IS NOT NULL), '{}')
+			WHERE st.id = o.study;
+		END IF;
+		IF NOT EXISTS (SELECT 1 FROM mdd.object x WHERE x.study = o.study) THEN
+			DELETE FROM mdd.study st WHERE st.id = o.study;
+		END IF;
+		removed := removed + 1;
+	END LOOP;
+	IF removed > 0 THEN
+		PERFORM mdd._audit('forward released', NULL, NULL,
+						   format('%s objects fetched for forwarding removed (mdd.forward_keep off), jobs %s',
+								  removed, array_to_string(jobs, ', ')));
+	END IF;
+	RETURN removed;
+END;
+$$;

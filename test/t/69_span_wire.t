@@ -15,7 +15,9 @@
 #      honest sub-operation counts; a C-GET of a study only Orthanc holds;
 #   3. a C-MOVE of a series the node that claims it cannot deliver (its
 #      objects withheld): the instances count as failed sub-operations;
-#   4. the forwarding is in the audit trail; node option "span" is checked.
+#   4. the forwarding is in the audit trail; node option "span" is checked;
+#   5. with mdd.forward_keep off, what was fetched only to be passed on is
+#      removed from the archive afterwards (and its empty study).
 import glob
 import hashlib
 import os
@@ -304,6 +306,41 @@ try:
             got[str(ds.SOPInstanceUID)] = ds
         is_(sorted(got), sorted(C1.series[0][2]), "getscu received the study")
         ok(all(got[s] == source[s] for s in got), "each equal to the source")
+
+    # mdd.forward_keep off: a series Orthanc holds is passed on, then removed
+    execute(conn, "ALTER SYSTEM SET mdd.forward_keep = off")
+    execute(conn, "SELECT pg_reload_conf()")
+    time.sleep(1)
+    shared = SHARED.series[0]
+    cmd = ["movescu", "-d", "-S", "-aet", SCU, "-aec", our_ae, "-aem", dest.aet, "-ta", "10", "-td", "90",
+           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={SHARED.uid}",
+           "-k", f"SeriesInstanceUID={shared[0]}", HOST, str(DICOM_PORT)]
+    rc, text = run(cmd, timeout=120)
+    final = (dimse_responses(text, "C-MOVE RSP") or [{}])[-1]
+    ok((rc, final.get("status"), final.get("completed"), final.get("failed")) == (0, 0, 2, 0),
+       "forward_keep off: the C-MOVE of a series only span nodes hold succeeds", f"{final}\n{text[-1500:]}")
+    received = dest.received()
+    ok(all(s in received and pydicom.dcmread(received[s]) == source[s] for s in shared[2]),
+       "storescp received it, equal to the source")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and query_value(
+            conn, "SELECT count(*) FROM mdd.objects WHERE sop_instance_uid = ANY (%s)", (shared[2],)):
+        time.sleep(0.2)
+    is_(query_value(conn, "SELECT count(*) FROM mdd.objects WHERE sop_instance_uid = ANY (%s)", (shared[2],)),
+        0, "and it is not kept in the archive")
+    is_(query_value(conn, "SELECT count(*) FROM mdd.study WHERE study_instance_uid = %s", (SHARED.uid,)), 0,
+        "nor its study, left empty")
+    is_(query_value(conn, "SELECT count(*) FROM mdd.copy c WHERE NOT EXISTS "
+                          "(SELECT 1 FROM mdd.object o WHERE o.id = c.object)"), 0, "no copy row is left behind")
+    ok(query_value(conn, "SELECT count(*) FROM mdd.audit_log WHERE action = 'forward released'") == 1,
+       "the removal is in the audit trail")
+    rc, rsps, took, out = find(["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={SHARED.uid}", "RetrieveAETitle"])
+    is_([str(r.get("RetrieveAETitle", "")) for r in rsps], ["ORTHANC69"],
+        "a C-FIND finds the study on Orthanc again, not here")
+    execute(conn, "ALTER SYSTEM RESET mdd.forward_keep")
+    execute(conn, "SELECT pg_reload_conf()")
+    is_(query_value(conn, "SELECT count(*) FROM mdd.objects WHERE sop_instance_uid = ANY (%s)", (series[2],)), 3,
+        "what was forwarded with forward_keep on is still here")
 
     # --- 3. a node that answers the C-FIND but does not deliver: QR1 stops
     # knowing mdd as a move destination
