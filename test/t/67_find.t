@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib
 from mddtap import *  # noqa: E402,F403
 from orthanc import ORTHANC, Orthanc  # noqa: E402
 from qrscp import QRSCP  # noqa: E402
+from silent import SilentListener  # noqa: E402
 
 warnings.simplefilter("ignore")
 import psycopg2  # noqa: E402
@@ -175,44 +176,6 @@ def expected_studies(where, pred=lambda s: True):
 
 def everywhere():
     return ["local", "qr1", "qr2", "orthanc"]
-
-# ---------------------------------------------------------------------------
-# a listener that accepts connections and never answers
-
-
-class SilentListener:
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((HOST, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.conns = []
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stopping:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.conns.append(c)    # kept open, never read or written
-
-    def stop(self):
-        self.stopping = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
 
 # ---------------------------------------------------------------------------
 # the peers

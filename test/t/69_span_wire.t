@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 
@@ -36,6 +35,7 @@ from mddtap import *  # noqa: E402,F403
 from dicomtools import StoreSCP, dimse_responses, run  # noqa: E402
 from orthanc import ORTHANC, Orthanc  # noqa: E402
 from qrscp import QRSCP  # noqa: E402
+from silent import SilentListener  # noqa: E402
 
 warnings.simplefilter("ignore")
 import pydicom  # noqa: E402
@@ -138,30 +138,6 @@ for ps in paths.values():
         source[str(ds.SOPInstanceUID)] = ds
 
 
-class SilentListener:
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((HOST, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def stop(self):
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -227,6 +203,16 @@ def find(keys):
     return p.returncode, rsps, took, p.stdout + p.stderr
 
 
+def move(study_uid, series_uid):
+    """movescu (Study Root, SERIES level) to mdd as SCU69, destination storescp:
+    (exit status, the final C-MOVE response as a dict, output)."""
+    cmd = ["movescu", "-d", "-S", "-aet", SCU, "-aec", our_ae, "-aem", dest.aet, "-ta", "10", "-td", "90",
+           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
+           "-k", f"SeriesInstanceUID={series_uid}", HOST, str(DICOM_PORT)]
+    rc, text = run(cmd, timeout=150)
+    return rc, (dimse_responses(text, "C-MOVE RSP") or [{}])[-1], text
+
+
 try:
     for p in paths["local"]:
         execute(conn, "SELECT mdd.store_file(%s)", (p,))
@@ -273,11 +259,7 @@ try:
     is_([str(r.SOPInstanceUID) for r in rsps], [A1.series[0][2][1]], "IMAGE level with one SOP Instance UID")
     # --- 2. move forwarding: C-MOVE of a series only QR1 holds, to storescp
     series = A1.series[0]
-    cmd = ["movescu", "-d", "-S", "-aet", SCU, "-aec", our_ae, "-aem", dest.aet, "-ta", "10", "-td", "90",
-           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={A1.uid}",
-           "-k", f"SeriesInstanceUID={series[0]}", HOST, str(DICOM_PORT)]
-    rc, text = run(cmd, timeout=120)
-    final = (dimse_responses(text, "C-MOVE RSP") or [{}])[-1]
+    rc, final, text = move(A1.uid, series[0])
     ok((rc, final.get("status"), final.get("completed"), final.get("failed")) == (0, 0, 3, 0),
        "C-MOVE of a series only a span node holds: success, 3 completed, none failed",
        f"{final}\n{text[-1500:]}")
@@ -312,11 +294,7 @@ try:
     execute(conn, "SELECT pg_reload_conf()")
     time.sleep(1)
     shared = SHARED.series[0]
-    cmd = ["movescu", "-d", "-S", "-aet", SCU, "-aec", our_ae, "-aem", dest.aet, "-ta", "10", "-td", "90",
-           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={SHARED.uid}",
-           "-k", f"SeriesInstanceUID={shared[0]}", HOST, str(DICOM_PORT)]
-    rc, text = run(cmd, timeout=120)
-    final = (dimse_responses(text, "C-MOVE RSP") or [{}])[-1]
+    rc, final, text = move(SHARED.uid, shared[0])
     ok((rc, final.get("status"), final.get("completed"), final.get("failed")) == (0, 0, 2, 0),
        "forward_keep off: the C-MOVE of a series only span nodes hold succeeds", f"{final}\n{text[-1500:]}")
     received = dest.received()
@@ -348,11 +326,7 @@ try:
     qr1.peers = {}
     qr1.start()
     rtstruct = A1.series[1]
-    cmd = ["movescu", "-d", "-S", "-aet", SCU, "-aec", our_ae, "-aem", dest.aet, "-ta", "10", "-td", "90",
-           "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={A1.uid}",
-           "-k", f"SeriesInstanceUID={rtstruct[0]}", HOST, str(DICOM_PORT)]
-    rc, text = run(cmd, timeout=150)
-    final = (dimse_responses(text, "C-MOVE RSP") or [{}])[-1]
+    rc, final, text = move(A1.uid, rtstruct[0])
     ok(final.get("status") not in (0, None) and final.get("failed") == 1 and final.get("completed") == 0,
        "a series the node cannot deliver: the C-MOVE fails with one failed sub-operation",
        f"{final}\n{text[-1500:]}")
