@@ -15,7 +15,8 @@ packages=(
 	nginx libnginx-mod-http-dav-ext
 	orthanc-dicomweb chromium
 )
-# the S3 test peer (s3rver) runs on Node.js; a Node.js from elsewhere will do
+# the S3 test peer (s3rver) runs on Node.js, and npm installs it and the
+# DICOMweb client of test 93_dicomweb_client; a Node.js from elsewhere will do
 command -v node >/dev/null || packages+=(nodejs)
 command -v npm >/dev/null || packages+=(npm)
 

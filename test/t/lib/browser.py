@@ -34,7 +34,8 @@ def available():
 class Browser:
     """One chromedriver process and one headless Chromium session."""
 
-    def __init__(self, port, workdir, width=1400, height=1000):
+    def __init__(self, port, workdir, width=1400, height=1000, extra_args=()):
+        """extra_args: more Chromium command-line flags."""
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.profile = os.path.join(workdir, "chromium-profile")
@@ -57,7 +58,7 @@ class Browser:
         args = ["--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
                 "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
                 f"--window-size={width},{height}", f"--user-data-dir={self.profile}",
-                "--force-device-scale-factor=1"]
+                "--force-device-scale-factor=1", *extra_args]
         if os.geteuid() == 0:
             args.append("--no-sandbox")
         caps = {"capabilities": {"alwaysMatch": {
