@@ -26,9 +26,16 @@
 int			mdd_listen_fd = -1;
 int			mdd_tls_listen_fd = -1;
 
-/* a non-blocking listening socket on mdd.dicom_listen_address:port, or -1 */
-static int
-open_port(int portnum, const char *what, const char *setting)
+/*
+ * A non-blocking, close-on-exec listening socket on address:portnum, or -1
+ * with the reason logged: what names the service ("DICOM service"), and
+ * address_setting and port_setting the settings to correct.  address "*"
+ * is every IPv4 address; one with ':' is IPv6; "localhost" means
+ * 127.0.0.1.  Shared by the DICOM and the HTTP ports.
+ */
+int
+mdd_open_tcp_port(const char *address, const char *address_setting, int portnum,
+				  const char *port_setting, const char *what, int backlog)
 {
 	struct addrinfo hints,
 			   *res = NULL,
@@ -39,18 +46,16 @@ open_port(int portnum, const char *what, const char *setting)
 	int			listen_fd = -1;
 
 	memset(&hints, 0, sizeof(hints));
-	/* IPv4 unless an IPv6 address is given: "localhost" means 127.0.0.1 */
-	hints.ai_family = strchr(mdd_dicom_listen_address, ':') ? AF_INET6 : AF_INET;
+	hints.ai_family = strchr(address, ':') ? AF_INET6 : AF_INET;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = AI_PASSIVE;
 	snprintf(port, sizeof(port), "%d", portnum);
-	rc = getaddrinfo(strcmp(mdd_dicom_listen_address, "*") == 0 ? NULL : mdd_dicom_listen_address,
-					 port, &hints, &res);
+	rc = getaddrinfo(strcmp(address, "*") == 0 ? NULL : address, port, &hints, &res);
 	if (rc != 0)
 	{
 		ereport(LOG,
-				(errmsg("mdd: %s off: cannot resolve mdd.dicom_listen_address \"%s\": %s",
-						what, mdd_dicom_listen_address, gai_strerror(rc))));
+				(errmsg("mdd: %s off: cannot resolve %s \"%s\": %s",
+						what, address_setting, address, gai_strerror(rc))));
 		return -1;
 	}
 	for (ai = res; ai != NULL; ai = ai->ai_next)
@@ -64,7 +69,7 @@ open_port(int portnum, const char *what, const char *setting)
 			continue;
 		}
 		(void) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-		if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 64) == 0 &&
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, backlog) == 0 &&
 			fcntl(fd, F_SETFL, O_NONBLOCK) == 0 &&
 			fcntl(fd, F_SETFD, FD_CLOEXEC) == 0)
 		{
@@ -80,12 +85,19 @@ open_port(int portnum, const char *what, const char *setting)
 	{
 		errno = last_errno;
 		ereport(LOG,
-				(errmsg("mdd: %s off: cannot listen on %s:%d: %m",
-						what, mdd_dicom_listen_address, portnum),
+				(errmsg("mdd: %s off: cannot listen on %s:%d: %m", what, address, portnum),
 				 errhint("Free the port or set %s to another one, then restart the server.",
-						 setting)));
+						 port_setting)));
 	}
 	return listen_fd;
+}
+
+/* a DICOM port on mdd.dicom_listen_address, or -1 */
+static int
+open_port(int portnum, const char *what, const char *setting)
+{
+	return mdd_open_tcp_port(mdd_dicom_listen_address, "mdd.dicom_listen_address", portnum,
+							 setting, what, 64);
 }
 
 /*

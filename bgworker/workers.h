@@ -33,6 +33,8 @@ extern bool mdd_forward_keep;
 extern int	mdd_listen_fd;
 extern int	mdd_tls_listen_fd;	/* the TLS port, or -1 */
 extern void mdd_open_listen_socket(void);
+extern int	mdd_open_tcp_port(const char *address, const char *address_setting, int portnum,
+							  const char *port_setting, const char *what, int backlog);
 
 /* launcher.c */
 extern void mdd_register_launcher(void);

@@ -17,17 +17,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 
-cache_dir() {
-	local top
-	if [[ -n "${MDD_NPM_CACHE_DIR:-}" ]]; then
-		top=$MDD_NPM_CACHE_DIR
-	elif mkdir -p /var/cache/mdd-test/npm 2>/dev/null && [[ -w /var/cache/mdd-test/npm ]]; then
-		top=/var/cache/mdd-test/npm
-	else
-		top="${HOME:-/tmp}/.cache/mdd-test/npm"
-	fi
-	echo "$top/dicomweb-client"
-}
+# shellcheck source=npm-cache.sh
+source "$here/npm-cache.sh"
+cache_dir() { echo "$(npm_cache_top)/dicomweb-client"; }
 
 install() (
 	local dir

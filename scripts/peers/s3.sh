@@ -22,15 +22,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 peer_user=${MDD_PEER_USER:-nobody}
 
-cache_dir() {
-	if [[ -n "${MDD_NPM_CACHE_DIR:-}" ]]; then
-		echo "$MDD_NPM_CACHE_DIR"
-	elif mkdir -p /var/cache/mdd-test/npm 2>/dev/null && [[ -w /var/cache/mdd-test/npm ]]; then
-		echo /var/cache/mdd-test/npm
-	else
-		echo "${HOME:-/tmp}/.cache/mdd-test/npm"
-	fi
-}
+# shellcheck source=npm-cache.sh
+source "$here/npm-cache.sh"
+cache_dir() { npm_cache_top; }
 
 install() (
 	local dir
