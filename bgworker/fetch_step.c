@@ -60,6 +60,7 @@ typedef struct FetchPlan
 	int			nclasses;		/* -1: the node did not say them all */
 	char	  **classes;
 	bool		tls;			/* the node's tls option */
+	int			associations;	/* C-MOVE associations at once */
 } FetchPlan;
 
 /* one network step of a job, what its callbacks share */
@@ -124,7 +125,7 @@ plan_work(void *ctx)
 	char	  **arrays[4];
 
 	if (SPI_execute_with_args("SELECT operation, ae_title, host, port, destination, levels, studies,"
-							  " series, instances, classes, tls FROM mdd._fetch_plan($1)",
+							  " series, instances, classes, tls, associations FROM mdd._fetch_plan($1)",
 							  1, types, values, NULL, false, 0) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "mdd._fetch_plan returned no row");
 	t = SPI_tuptable->vals[0];
@@ -150,6 +151,8 @@ plan_work(void *ctx)
 	p->nclasses = column_strings(t, desc, 10, fs->cxt, &p->classes);
 	port = column_string(t, desc, 11, fs->cxt);
 	p->tls = port != NULL && strcmp(port, "t") == 0;
+	port = column_string(t, desc, 12, fs->cxt);
+	p->associations = port ? Max(atoi(port), 1) : 1;
 }
 
 /* SQL with arguments whose first column of the only row is text, into cxt */
@@ -261,6 +264,34 @@ wait_readable(void *arg, int fd, int timeout_ms)
 		fs->poked = true;
 	}
 	return (rc & WL_SOCKET_READABLE) ? 1 : 0;
+}
+
+/* the sockets of a parallel C-MOVE, the latch and the postmaster */
+static int
+wait_any_readable(void *arg, const int *fds, int nfds, int timeout_ms)
+{
+	FetchStep  *fs = (FetchStep *) arg;
+	WaitEventSet *set = CreateWaitEventSet(CurrentMemoryContext, nfds + 2);
+	WaitEvent	event;
+	int			readable = -1;
+
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	for (int i = 0; i < nfds; i++)
+		AddWaitEventToSet(set, WL_SOCKET_READABLE, fds[i], NULL, (void *) (intptr_t) i);
+	if (WaitEventSetWait(set, timeout_ms, &event, 1, PG_WAIT_EXTENSION) == 1)
+	{
+		if (event.events & WL_LATCH_SET)
+		{
+			/* SIGTERM, SIGHUP, or a commit that queued or cancelled work */
+			ResetLatch(MyLatch);
+			fs->poked = true;
+		}
+		else if (event.events & WL_SOCKET_READABLE)
+			readable = (int) (intptr_t) event.user_data;
+	}
+	FreeWaitEventSet(set);
+	return readable;
 }
 
 static void
@@ -407,6 +438,7 @@ setup(FetchStep *fs, MddFetchPeer *peer, MddFetchCallbacks *cb)
 	cb->arg = fs;
 	cb->should_stop = should_stop;
 	cb->wait_readable = wait_readable;
+	cb->wait_any_readable = wait_any_readable;
 	cb->socket = socket_hook;
 	cb->progress = progress;
 	cb->store = store;
@@ -511,7 +543,8 @@ fetch_step(FetchStep *fs, ErrorData **error)
 	setup(fs, &peer, &cb);
 	status = mdd_dicom_fetch(&peer, &cb, get ? NULL : p->destination,
 							 (const char *const *) p->classes, Max(p->nclasses, 0),
-							 requests, p->nrequests, &associated, errbuf, sizeof(errbuf));
+							 requests, p->nrequests, p->associations, &associated,
+							 errbuf, sizeof(errbuf));
 	mdd_connection_fd = -1;
 	CHECK_FOR_INTERRUPTS();
 	if (status != MDD_DICOM_OK && status != MDD_DICOM_NETWORK)

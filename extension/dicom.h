@@ -465,9 +465,17 @@ typedef struct MddFetchCallbacks
 	int			(*wait_readable) (void *arg, int fd, int timeout_ms);
 
 	/*
+	 * The same for several sockets (the associations of a parallel
+	 * C-MOVE): the index in fds of one that is readable, or -1 when a stop
+	 * is requested or timeout_ms passed first.
+	 */
+	int			(*wait_any_readable) (void *arg, const int *fds, int nfds, int timeout_ms);
+
+	/*
 	 * The socket of the association as soon as it is connected, and -1
 	 * once it is closed: the C side shuts it down on a stop request, so
-	 * that no read inside DCMTK holds the stop up.
+	 * that no read inside DCMTK holds the stop up.  With several
+	 * associations open, the one connected last.
 	 */
 	void		(*socket) (void *arg, int fd);
 
@@ -548,20 +556,23 @@ typedef struct MddFetchRequest
  * other: C-MOVE to move_destination, or C-GET on the association when
  * move_destination is NULL (proposing storage contexts for the SOP classes
  * given, or for the usual classes of a radiotherapy department when none
- * are given, in the SCP role).  MDD_DICOM_OK once every request was
- * answered (each request's answer in it); MDD_DICOM_NETWORK when the node
- * cannot be reached or refuses the association (no request answered), or
- * when the association broke, timed out or was stopped by should_stop or
- * progress (the requests answered before say so).  *associated tells
- * whether the association was set up.  Release each request's failed_uids
- * with mdd_dicom_free_fetch.
+ * are given, in the SCP role).  A C-MOVE may use up to associations
+ * associations at once (each takes the next request once its own is
+ * answered), so that the node sends on as many associations in parallel.
+ * MDD_DICOM_OK once every request was answered (each request's answer in
+ * it); MDD_DICOM_NETWORK when the node cannot be reached or refuses the
+ * (first) association (no request answered), or when an association
+ * broke, timed out or was stopped by should_stop or progress (the
+ * requests answered before say so; the other associations are aborted).
+ * *associated tells whether an association was set up.  Release each
+ * request's failed_uids with mdd_dicom_free_fetch.
  */
 extern MddDicomStatus mdd_dicom_fetch(const MddFetchPeer *peer,
 									  const MddFetchCallbacks *callbacks,
 									  const char *move_destination,
 									  const char *const *sop_classes, int nclasses,
 									  MddFetchRequest *requests, int nrequests,
-									  int *associated,
+									  int associations, int *associated,
 									  char *errbuf, size_t errbuf_len);
 
 extern void mdd_dicom_free_fetch(MddFetchRequest *requests, int nrequests);

@@ -169,7 +169,19 @@ public:
 	bool find(T_ASC_PresentationContextID presID, DcmDataset &keys,
 			  std::vector<std::unique_ptr<DcmDataset>> &matches, DIC_US &status,
 			  std::string &comment, std::string &error);
-	bool retrieve(int index, MddFetchRequest &req, const char *destination, std::string &error);
+	bool		retrieve(int index, MddFetchRequest &req, const char *destination, std::string &error);
+
+	/* what one message of the node did to the request under way */
+	enum Step
+	{
+		STEP_PENDING, STEP_ANSWERED, STEP_FAILED
+	};
+	bool		startRetrieve(MddFetchRequest &req, const char *destination, std::string &error);
+	Step		receiveRetrieve(int index, MddFetchRequest &req, std::string &error);
+
+	/* whether DCMTK holds data it read ahead; the socket, -1 when closed */
+	bool		dataWaiting() const { return ASC_dataWaiting(assoc(), 0) != 0; }
+	int			socket() const { return fd_; }
 
 private:
 	enum Wait
@@ -196,6 +208,8 @@ private:
 	const MddFetchCallbacks *cb_;
 	int			fd_ = -1;
 	DIC_US		nextMessageID_ = 1;
+	DIC_US		messageID_ = 0;	/* of the C-MOVE or C-GET under way */
+	bool		get_ = false;
 	MddScuAssociation a_;		/* last: its destructor calls socketHook */
 };
 
@@ -413,13 +427,11 @@ responseCounts(const T_DIMSE_Message &rsp, bool get, int *remaining, int *comple
 }
 
 /*
- * One C-MOVE (to destination) or C-GET (destination NULL) request and its
- * responses, with the C-STORE sub-operations of a C-GET in between.  True
- * once the final response came (req filled); false when the association
- * failed, fell silent or was stopped.
+ * Send one C-MOVE (to destination) or C-GET (destination NULL) request;
+ * its responses are then read by receiveRetrieve.
  */
 bool
-Session::retrieve(int index, MddFetchRequest &req, const char *destination, std::string &error)
+Session::startRetrieve(MddFetchRequest &req, const char *destination, std::string &error)
 {
 	bool		get = destination == NULL;
 	const char *model = get ? UID_GETStudyRootQueryRetrieveInformationModel
@@ -471,93 +483,126 @@ Session::retrieve(int index, MddFetchRequest &req, const char *destination, std:
 		error = std::string("sending the ") + (get ? "C-GET" : "C-MOVE") + " failed: " + cond.text();
 		return false;
 	}
+	messageID_ = messageID;
+	get_ = get;
+	return true;
+}
 
+/*
+ * Read one message about the request under way, once the node has sent
+ * something: a pending response (told to the progress callback), a
+ * C-STORE sub-operation of a C-GET (archived through the store callback),
+ * or the final response (req filled).
+ */
+Session::Step
+Session::receiveRetrieve(int index, MddFetchRequest &req, std::string &error)
+{
+	bool		get = get_;
+	T_DIMSE_Message rsp;
+	T_ASC_PresentationContextID rspID = 0;
+	std::unique_ptr<DcmDataset> detail;
+	std::unique_ptr<DcmDataset> identifier;
+	DIC_US		status;
+	int			remaining,
+				completed,
+				failed,
+				warning;
+	OFCondition cond;
+
+	if (!receiveCommand(&rspID, &rsp, detail, error))
+		return STEP_FAILED;
+	if (get && rsp.CommandField == DIMSE_C_STORE_RQ)
+		return receiveStore(rspID, rsp.msg.CStoreRQ, error) ? STEP_PENDING : STEP_FAILED;
+	if (rsp.CommandField != (get ? DIMSE_C_GET_RSP : DIMSE_C_MOVE_RSP) ||
+		(get ? rsp.msg.CGetRSP.MessageIDBeingRespondedTo
+		 : rsp.msg.CMoveRSP.MessageIDBeingRespondedTo) != messageID_)
+	{
+		error = "unexpected DIMSE message " + std::to_string(rsp.CommandField) + " instead of the " +
+			(get ? "C-GET" : "C-MOVE") + " response";
+		return STEP_FAILED;
+	}
+	status = get ? rsp.msg.CGetRSP.DimseStatus : rsp.msg.CMoveRSP.DimseStatus;
+	responseCounts(rsp, get, &remaining, &completed, &failed, &warning);
+	if ((get ? rsp.msg.CGetRSP.DataSetType : rsp.msg.CMoveRSP.DataSetType) != DIMSE_DATASET_NULL)
+	{
+		DcmDataset *d = NULL;
+
+		cond = DIMSE_receiveDataSetInMemory(assoc(), DIMSE_NONBLOCKING, peer_->dimse_timeout,
+											&rspID, &d, NULL, NULL);
+		identifier.reset(d);
+		if (cond.bad())
+		{
+			error = std::string("receiving the identifier of a response failed: ") + cond.text();
+			return STEP_FAILED;
+		}
+	}
+	if (isPending(status))
+	{
+		MddFetchProgress p = {index, 1, remaining, completed, failed, warning};
+
+		if (cb_->progress && cb_->progress(cb_->arg, &p) < 0)
+		{
+			error = "stopped";
+			return STEP_FAILED;
+		}
+		return STEP_PENDING;
+	}
+
+	req.answered = 1;
+	req.status = status;
+	req.remaining = remaining;
+	req.completed = completed;
+	req.failed = failed;
+	req.warning = warning;
+	mddSetError(req.comment, sizeof(req.comment), errorComment(detail.get()));
+	if (identifier)
+	{
+		OFString	list;
+
+		if (identifier->findAndGetOFStringArray(DCM_FailedSOPInstanceUIDList, list).good())
+		{
+			req.failed_uids = strdup(list.c_str());
+			if (req.failed_uids == NULL)
+				throw std::bad_alloc();
+		}
+	}
+	return STEP_ANSWERED;
+}
+
+/*
+ * One C-MOVE or C-GET request and its responses, with the C-STORE
+ * sub-operations of a C-GET in between.  True once the final response
+ * came (req filled); false when the association failed, fell silent or
+ * was stopped.
+ */
+bool
+Session::retrieve(int index, MddFetchRequest &req, const char *destination, std::string &error)
+{
+	if (!startRetrieve(req, destination, error))
+		return false;
 	for (;;)
 	{
-		T_DIMSE_Message rsp;
-		T_ASC_PresentationContextID rspID = 0;
-		std::unique_ptr<DcmDataset> detail;
-		std::unique_ptr<DcmDataset> identifier;
-		DIC_US		status;
-		int			remaining,
-					completed,
-					failed,
-					warning;
-
 		switch (waitForMessage(index, true))
 		{
 			case STOPPED:
 				error = "stopped";
 				return false;
 			case SILENT:
-				error = std::string("no answer to the ") + (get ? "C-GET" : "C-MOVE") + " within " +
+				error = std::string("no answer to the ") + (get_ ? "C-GET" : "C-MOVE") + " within " +
 					std::to_string(peer_->dimse_timeout) + " s";
 				return false;
 			case READY:
 				break;
 		}
-		if (!receiveCommand(&rspID, &rsp, detail, error))
-			return false;
-		if (get && rsp.CommandField == DIMSE_C_STORE_RQ)
+		switch (receiveRetrieve(index, req, error))
 		{
-			if (!receiveStore(rspID, rsp.msg.CStoreRQ, error))
+			case STEP_PENDING:
+				break;
+			case STEP_ANSWERED:
+				return true;
+			case STEP_FAILED:
 				return false;
-			continue;
 		}
-		if (rsp.CommandField != (get ? DIMSE_C_GET_RSP : DIMSE_C_MOVE_RSP) ||
-			(get ? rsp.msg.CGetRSP.MessageIDBeingRespondedTo
-			 : rsp.msg.CMoveRSP.MessageIDBeingRespondedTo) != messageID)
-		{
-			error = "unexpected DIMSE message " + std::to_string(rsp.CommandField) + " instead of the " +
-				(get ? "C-GET" : "C-MOVE") + " response";
-			return false;
-		}
-		status = get ? rsp.msg.CGetRSP.DimseStatus : rsp.msg.CMoveRSP.DimseStatus;
-		responseCounts(rsp, get, &remaining, &completed, &failed, &warning);
-		if ((get ? rsp.msg.CGetRSP.DataSetType : rsp.msg.CMoveRSP.DataSetType) != DIMSE_DATASET_NULL)
-		{
-			DcmDataset *d = NULL;
-
-			cond = DIMSE_receiveDataSetInMemory(assoc(), DIMSE_NONBLOCKING, peer_->dimse_timeout,
-												&rspID, &d, NULL, NULL);
-			identifier.reset(d);
-			if (cond.bad())
-			{
-				error = std::string("receiving the identifier of a response failed: ") + cond.text();
-				return false;
-			}
-		}
-		if (isPending(status))
-		{
-			MddFetchProgress p = {index, 1, remaining, completed, failed, warning};
-
-			if (cb_->progress && cb_->progress(cb_->arg, &p) < 0)
-			{
-				error = "stopped";
-				return false;
-			}
-			continue;
-		}
-
-		req.answered = 1;
-		req.status = status;
-		req.remaining = remaining;
-		req.completed = completed;
-		req.failed = failed;
-		req.warning = warning;
-		mddSetError(req.comment, sizeof(req.comment), errorComment(detail.get()));
-		if (identifier)
-		{
-			OFString	list;
-
-			if (identifier->findAndGetOFStringArray(DCM_FailedSOPInstanceUIDList, list).good())
-			{
-				req.failed_uids = strdup(list.c_str());
-				if (req.failed_uids == NULL)
-					throw std::bad_alloc();
-			}
-		}
-		return true;
 	}
 }
 
@@ -770,6 +815,147 @@ listInstances(const MddFetchPeer *peer, const MddFetchCallbacks *cb, const char 
 	return MDD_DICOM_OK;
 }
 
+/*
+ * C-MOVE requests on up to `associations` associations at once: each
+ * association takes the next request as soon as its own is answered, and
+ * one wait covers every socket.  The node's silence is timed per
+ * association; the progress callback hears every pending response, and
+ * is asked once a second without one.  On any failure the associations
+ * still open are aborted (their destructors), as a broken association
+ * is: the requests answered before say so.
+ */
+MddDicomStatus
+fetchInParallel(const MddFetchPeer *peer, const MddFetchCallbacks *cb, const char *destination,
+				MddFetchRequest *requests, int nrequests, int associations, int *associated,
+				std::string &error)
+{
+	std::vector<MddProposedContext> contexts = {
+		{UID_MOVEStudyRootQueryRetrieveInformationModel,
+		{UID_LittleEndianExplicitTransferSyntax, UID_LittleEndianImplicitTransferSyntax}}};
+	std::vector<std::unique_ptr<Session>> sessions;
+	std::vector<int> current;	/* request under way per association, -1: none */
+	std::vector<time_t> deadline;
+	int			next = 0;
+	int			busy = 0;
+
+	for (int k = 0; k < associations && k < nrequests; k++)
+	{
+		std::unique_ptr<Session> s(new Session(peer, cb));
+		std::string why;
+
+		if (!s->open(contexts, why))
+		{
+			/* the node takes fewer associations: go on with those it took */
+			if (sessions.empty())
+			{
+				error = why;
+				return MDD_DICOM_NETWORK;
+			}
+			break;
+		}
+		*associated = 1;
+		sessions.push_back(std::move(s));
+	}
+	current.assign(sessions.size(), -1);
+	deadline.assign(sessions.size(), 0);
+	for (size_t k = 0; k < sessions.size() && next < nrequests; k++)
+	{
+		if (!sessions[k]->startRetrieve(requests[next], destination, error))
+			return MDD_DICOM_NETWORK;
+		current[k] = next++;
+		deadline[k] = time(NULL) + peer->dimse_timeout;
+		busy++;
+	}
+
+	while (busy > 0)
+	{
+		int			ready = -1;
+
+		if (cb->should_stop(cb->arg))
+		{
+			error = "stopped";
+			return MDD_DICOM_NETWORK;
+		}
+		for (size_t k = 0; k < sessions.size() && ready < 0; k++)
+			if (current[k] >= 0 && sessions[k]->dataWaiting())
+				ready = (int) k;
+		if (ready < 0)
+		{
+			std::vector<int> fds;
+			std::vector<int> owners;
+			int			which;
+
+			for (size_t k = 0; k < sessions.size(); k++)
+				if (current[k] >= 0 && sessions[k]->socket() >= 0)
+				{
+					fds.push_back(sessions[k]->socket());
+					owners.push_back((int) k);
+				}
+			which = fds.empty() ? -1 : cb->wait_any_readable(cb->arg, fds.data(), (int) fds.size(), 1000);
+			if (which >= 0 && which < (int) owners.size())
+				ready = owners[which];
+		}
+		if (ready < 0)
+		{
+			/* a second without a message (or a stop request) */
+			time_t		now = time(NULL);
+
+			if (cb->should_stop(cb->arg))
+			{
+				error = "stopped";
+				return MDD_DICOM_NETWORK;
+			}
+			if (cb->progress)
+			{
+				MddFetchProgress p = {-1, 0, -1, -1, -1, -1};
+				int			r = cb->progress(cb->arg, &p);
+
+				if (r < 0)
+				{
+					error = "stopped";
+					return MDD_DICOM_NETWORK;
+				}
+				if (r > 0)
+					for (size_t k = 0; k < sessions.size(); k++)
+						deadline[k] = now + peer->dimse_timeout;
+			}
+			for (size_t k = 0; k < sessions.size(); k++)
+				if (current[k] >= 0 && now >= deadline[k])
+				{
+					error = std::string("no answer to the C-MOVE within ") +
+						std::to_string(peer->dimse_timeout) + " s";
+					return MDD_DICOM_NETWORK;
+				}
+			continue;
+		}
+
+		switch (sessions[ready]->receiveRetrieve(current[ready], requests[current[ready]], error))
+		{
+			case Session::STEP_FAILED:
+				return MDD_DICOM_NETWORK;
+			case Session::STEP_PENDING:
+				deadline[ready] = time(NULL) + peer->dimse_timeout;
+				break;
+			case Session::STEP_ANSWERED:
+				if (next < nrequests)
+				{
+					if (!sessions[ready]->startRetrieve(requests[next], destination, error))
+						return MDD_DICOM_NETWORK;
+					current[ready] = next++;
+					deadline[ready] = time(NULL) + peer->dimse_timeout;
+				}
+				else
+				{
+					current[ready] = -1;
+					sessions[ready]->release();
+					busy--;
+				}
+				break;
+		}
+	}
+	return MDD_DICOM_OK;
+}
+
 }								/* namespace */
 
 extern "C" MddDicomStatus
@@ -811,7 +997,7 @@ mdd_dicom_free_instances(MddRemoteInstances *list)
 extern "C" MddDicomStatus
 mdd_dicom_fetch(const MddFetchPeer *peer, const MddFetchCallbacks *callbacks,
 				const char *move_destination, const char *const *sop_classes, int nclasses,
-				MddFetchRequest *requests, int nrequests, int *associated,
+				MddFetchRequest *requests, int nrequests, int associations, int *associated,
 				char *errbuf, size_t errbuf_len)
 {
 	*associated = 0;
@@ -831,6 +1017,14 @@ mdd_dicom_fetch(const MddFetchPeer *peer, const MddFetchCallbacks *callbacks,
 		std::string error;
 
 		mddInitialiseDcmtk();
+		if (move_destination && associations > 1 && nrequests > 1)
+		{
+			MddDicomStatus status = fetchInParallel(peer, callbacks, move_destination, requests,
+													nrequests, associations, associated, error);
+
+			mddSetError(errbuf, errbuf_len, error);
+			return status;
+		}
 		if (move_destination)
 			contexts.push_back({UID_MOVEStudyRootQueryRetrieveInformationModel,
 				{UID_LittleEndianExplicitTransferSyntax, UID_LittleEndianImplicitTransferSyntax}});

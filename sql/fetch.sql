@@ -300,7 +300,7 @@ $$;
 CREATE FUNCTION mdd._fetch_plan(job bigint, OUT operation text, OUT ae_title text, OUT host text,
 								OUT port integer, OUT destination text, OUT levels text[],
 								OUT studies text[], OUT series text[], OUT instances text[],
-								OUT classes text[], OUT tls boolean)
+								OUT classes text[], OUT tls boolean, OUT associations integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -315,6 +315,7 @@ DECLARE
 	chunk text[];
 	planned int := 0;
 	k int := 0;
+	per int := 100;
 BEGIN
 	PERFORM pg_advisory_xact_lock(1296319522, _fetch_plan.job::int);
 	SELECT * INTO j FROM mdd.job x WHERE x.id = _fetch_plan.job FOR UPDATE;
@@ -326,6 +327,7 @@ BEGIN
 	host := n.host;
 	port := n.port;
 	tls := coalesce((n.options->>'tls')::boolean, false);
+	associations := 1;
 	study := j.request->>'study';
 	IF NOT j.request ? 'listed' THEN
 		operation := 'list';
@@ -346,6 +348,9 @@ BEGIN
 			destination := coalesce(current_setting('mdd.ae_title', true), 'MDD');
 		END IF;
 	END IF;
+	IF operation = 'move' THEN
+		associations := coalesce((n.options->>'move_associations')::int, 1);
+	END IF;
 	UPDATE mdd.job_instance i SET request = NULL WHERE i.job = j.id AND i.request IS NOT NULL;
 	levels := '{}';
 	studies := '{}';
@@ -357,7 +362,13 @@ BEGIN
 		   count(*) FILTER (WHERE i.state = 'pending')
 	INTO whole_study, pending
 	FROM mdd.job_instance i WHERE i.job = j.id;
-	IF whole_study AND pending <= batch AND NOT j.request ? 'series' AND NOT j.request ? 'instance' THEN
+	-- with several associations, the instances in as many lists (IMAGE
+	-- level, at most 100 UIDs each), which the associations take in turn
+	IF associations > 1 THEN
+		per := least(100, greatest(1, ceil(least(pending, batch)::numeric / associations)::int));
+	END IF;
+	IF associations = 1 AND whole_study AND pending <= batch
+	   AND NOT j.request ? 'series' AND NOT j.request ? 'instance' THEN
 		UPDATE mdd.job_instance i SET request = 1, error = NULL WHERE i.job = j.id;
 		levels := ARRAY['STUDY'];
 		studies := ARRAY[study];
@@ -374,7 +385,7 @@ BEGIN
 				 ORDER BY i.series_instance_uid
 		LOOP
 			EXIT WHEN planned >= batch;
-			IF s.whole AND NOT j.request ? 'instance' THEN
+			IF s.whole AND associations = 1 AND NOT j.request ? 'instance' THEN
 				IF planned + cardinality(s.pending) <= batch THEN
 					k := k + 1;
 					UPDATE mdd.job_instance i SET request = k, error = NULL
@@ -390,8 +401,8 @@ BEGIN
 				EXIT WHEN planned > 0;
 			END IF;
 			take := s.pending[1 : batch - planned];
-			FOR c IN 0 .. (cardinality(take) - 1) / 100 LOOP
-				chunk := take[c * 100 + 1 : c * 100 + 100];
+			FOR c IN 0 .. (cardinality(take) - 1) / per LOOP
+				chunk := take[c * per + 1 : c * per + per];
 				k := k + 1;
 				UPDATE mdd.job_instance i SET request = k, error = NULL
 				WHERE i.job = j.id AND i.sop_instance_uid = ANY (chunk);

@@ -26,7 +26,11 @@ CREATE INDEX ON mdd.node (ae_title);
 -- true): whether mdd.find queries it (it needs a host and port), and
 -- {"find_timeout": seconds} (default mdd.find_timeout): how long it may
 -- take to answer.  {"retrieve_by": "move" or
--- "get"} (default "move"): how mdd.retrieve asks it for objects.
+-- "get"} (default "move"): how mdd.retrieve asks it for objects;
+-- {"move_associations": n} (1 to 16, default 1): how many C-MOVE
+-- associations a retrieve or move job opens to it at once, each asking
+-- for a share of the instances, so that the node sends on as many
+-- associations in parallel (a node must take that many).
 -- {"span": bool} (default false): C-FINDs sent to mdd's own AE are also
 -- answered from this node, and C-MOVEs and C-GETs to mdd for objects only
 -- it holds are forwarded from it (sql/span_wire.sql).
@@ -81,11 +85,12 @@ BEGIN
 	END IF;
 	SELECT string_agg(k, ', ') INTO bad
 	FROM jsonb_object_keys(options) k
-	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by', 'tls', 'span');
+	WHERE k NOT IN ('store', 'query', 'retrieve', 'send', 'find', 'find_timeout', 'retrieve_by', 'tls', 'span',
+					'move_associations');
 	IF bad IS NOT NULL THEN
 		RAISE EXCEPTION 'unknown node option(s): %', bad
 			USING ERRCODE = '22023',
-				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout", "retrieve_by", "tls" and "span".';
+				  HINT = 'Options are "store", "query", "retrieve", "send", "find", "find_timeout", "retrieve_by", "tls", "span" and "move_associations".';
 	END IF;
 	-- tls: every association mdd requests of the node is DICOM over TLS, and
 	-- the node's own are accepted on the TLS port only (docs/admin.md)
@@ -96,6 +101,13 @@ BEGIN
 	IF options ? 'retrieve_by' AND coalesce(options->>'retrieve_by', '') NOT IN ('move', 'get') THEN
 		RAISE EXCEPTION 'invalid node option "retrieve_by"'
 			USING ERRCODE = '22023', HINT = 'It is "move" (C-MOVE to this archive) or "get" (C-GET).';
+	END IF;
+	IF options ? 'move_associations' AND (jsonb_typeof(options->'move_associations') <> 'number'
+										  OR (options->>'move_associations') !~ '^[0-9]+$'
+										  OR (options->>'move_associations')::numeric NOT BETWEEN 1 AND 16) THEN
+		RAISE EXCEPTION 'invalid node option "move_associations": %', options->'move_associations'
+			USING ERRCODE = '22023',
+				  HINT = 'Give how many C-MOVE associations mdd may open to the node at once, 1 to 16.';
 	END IF;
 	PERFORM (options->>'find')::boolean;	-- 22P02 unless a boolean, as the others below
 	PERFORM (options->>'span')::boolean;

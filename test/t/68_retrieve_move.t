@@ -12,6 +12,8 @@
 #      of one instance: the job ends done with total = done = the instances
 #      the node holds, each instance archived once with a data set
 #      byte-identical to the source file, from the node's AE; audit rows;
+#      a study from Orthanc on three C-MOVE associations at once (node
+#      option move_associations, which is checked);
 #   3. retrieve again: nothing is asked for (no C-MOVE reaches the node),
 #      every instance counted as already here; a series of which part is
 #      already archived: only the missing instances are moved;
@@ -201,6 +203,7 @@ def qr_log_count(qr, text):
 A = patient("T68A", 681, 8)        # on QR1
 B = patient("T68B", 682, 6)        # on QR2
 C = patient("T68C", 683, 6)        # on Orthanc
+P = patient("T68P", 689, 9)        # on Orthanc, retrieved on parallel associations
 a_study, a_ct_series, a_ct = series_of(A, "ct/")
 a_plan_study, a_plan = study_of(A, "RTPLAN")
 a_cbct_study, a_cbct_series, a_cbct = series_of(A, "cbct/")
@@ -210,6 +213,7 @@ c_ct_study, c_ct_series, c_ct = series_of(C, "ct/")
 c_cbct_study, c_cbct_series, c_cbct = series_of(C, "cbct/")
 c_plan_uid = next(u for u, f in C.items() if f["modality"] == "RTPLAN")
 c_plan_study, c_plan = study_of(C, "RTPLAN")
+p_plan_study, p_plan = study_of(P, "RTPLAN")
 
 dest = StoreSCP(work, "T68DEST", user=SCP_USER)
 processes.append(dest)
@@ -226,7 +230,7 @@ orthanc = Orthanc(make_server_dir(os.path.join(work, "t68orthanc"), mode=0o755),
                   modalities={"mdd": ["MDD", HOST, PORT]})
 try:
     orthanc.start()
-    for f in C.values():
+    for f in list(C.values()) + list(P.values()):
         status, body = orthanc.post("/instances", f["data"])
         assert status == 200, f"Orthanc refused {f['path']}: {status} {body}"
 
@@ -301,6 +305,23 @@ try:
     is_(wait(job), "done", "Orthanc: retrieve of one instance (the RT Plan): done")
     check_job("Orthanc RT Plan", job, "done", 1, 1)
     check_archived("Orthanc RT Plan", {c_plan_uid: C[c_plan_uid]}, "T68ORTHANC")
+
+    # several C-MOVE associations at once (node option move_associations):
+    # the instances in lists the associations take in turn
+    for bad in (0, 17, 2.5, "3", True):
+        raises(conn, "SELECT mdd.add_node('t68bad', 'BAD', %s, 1, %s)",
+               (HOST, json.dumps({"move_associations": bad})), "22023",
+               f"node option move_associations {json.dumps(bad)}: 22023", r'invalid node option "move_associations"')
+    add_node("t68orthanc-par", "T68ORTHANC", orthanc.dicom_port, {"move_associations": 3})
+    before = query_value(conn, "SELECT max(id) FROM mdd.audit")
+    job = retrieve("t68orthanc-par", p_plan_study)
+    is_(wait(job), "done", f"Orthanc on 3 associations: retrieve of the planning study ({len(p_plan)} instances): done")
+    check_job("Orthanc on 3 associations", job, "done", len(p_plan), len(p_plan))
+    check_archived("Orthanc on 3 associations", p_plan, "T68ORTHANC")
+    associations = query_value(conn, "SELECT count(*) FROM mdd.audit WHERE id > %s AND action = 'associate'"
+                                     " AND detail LIKE 'T68ORTHANC -> %%'", (before,))
+    ok(associations >= 3, f"Orthanc sent on an association per C-MOVE, at least 3 ({associations})")
+    is_(audit_rows("retrieve", job), len(p_plan), "one 'retrieve' audit row per instance: none came twice")
 
     # =======================================================================
     # 3. retrieve again: nothing fetched twice
